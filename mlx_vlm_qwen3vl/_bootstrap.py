@@ -5,8 +5,13 @@ only if) the process imports one of the host modules named in `host.PATCHES`,
 the watcher lets the module run, then hands it to `host.patch` for the plugin
 hooks. Nothing else is imported here (measured in benchmarks/bench_import.py),
 and nothing here may raise: a broken plugin must never break `python`.
+
+With `MLX_VLM_QWEN3VL_BLAS` set (Linux CPU only, opt-in), an optimized BLAS is
+loaded here too, because it must be in the process before mlx is first
+imported (see cpu_blas.py).
 """
 
+import os
 import sys
 
 WATCHED = ("mlx_vlm.utils", "mlx_vlm.generate.dispatch")
@@ -56,5 +61,13 @@ def install():
 
 try:
     install()
+except Exception:
+    pass
+
+try:
+    if os.environ.get("MLX_VLM_QWEN3VL_BLAS"):
+        from mlx_vlm_qwen3vl import cpu_blas
+
+        cpu_blas.preload_from_env()
 except Exception:
     pass
