@@ -13,6 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import VisionConfig
+from .linear import Linear
 
 WEIGHT_PREFIX = "vision_tower."
 
@@ -124,8 +125,8 @@ class VisionAttention(nn.Module):
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+        self.qkv = Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
+        self.proj = Linear(config.hidden_size, config.hidden_size, bias=True)
 
     def __call__(
         self,
@@ -169,8 +170,8 @@ class VisionMLP(nn.Module):
                 f"expected one of {sorted(ACTIVATIONS)}"
             )
         self.act = ACTIVATIONS[config.hidden_act]
-        self.linear_fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.linear_fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.linear_fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.linear_fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.linear_fc2(self.act(self.linear_fc1(x)))
@@ -200,8 +201,8 @@ class PatchMerger(nn.Module):
         self.postshuffle_norm = postshuffle_norm
         norm_size = self.merged_size if postshuffle_norm else config.hidden_size
         self.norm = nn.LayerNorm(norm_size, eps=config.layer_norm_eps)
-        self.linear_fc1 = nn.Linear(self.merged_size, self.merged_size)
-        self.linear_fc2 = nn.Linear(self.merged_size, config.out_hidden_size)
+        self.linear_fc1 = Linear(self.merged_size, self.merged_size)
+        self.linear_fc2 = Linear(self.merged_size, config.out_hidden_size)
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.postshuffle_norm:

@@ -1,0 +1,99 @@
+"""The CPU kernel choices of qwen3_vl/linear.py: same results, other kernels."""
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from mlx_vlm_qwen3vl.qwen3_vl import linear
+
+
+@pytest.fixture
+def policy(monkeypatch):
+    def set_policy(on_cpu, fast_blas):
+        monkeypatch.setattr(linear, "cpu_policy", lambda: (on_cpu, fast_blas))
+
+    return set_policy
+
+
+def dense_layer(dtype=mx.bfloat16, bias=True):
+    mx.random.seed(3)
+    layer = linear.Linear(256, 192, bias=bias)
+    layer.update({k: v.astype(dtype) for k, v in layer.parameters().items()})
+    if bias:
+        layer.bias = (mx.random.normal((192,)) * 0.1).astype(dtype)
+    return layer
+
+
+def max_rel(a, b):
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    return (mx.abs(a - b).max() / mx.abs(b).max()).item()
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+def test_float32_product_through_fast_blas_matches_bf16(policy, rows):
+    layer = dense_layer()
+    x = mx.random.normal((2, rows, 256)).astype(mx.bfloat16)
+    policy(True, False)
+    reference = layer(x)
+    policy(True, True)
+    fast = layer(x)
+    assert fast.dtype == mx.bfloat16 and fast.shape == reference.shape
+    assert max_rel(fast, reference) < 1e-2  # bf16 rounding of the same float32 sums
+    policy(False, False)
+    assert mx.array_equal(layer(x), nn.Linear.__call__(layer, x))
+
+
+def test_single_rows_and_float32_inputs_take_the_plain_kernel(policy):
+    policy(True, True)
+    assert not linear._upcast(mx.zeros((1, 1, 256), dtype=mx.bfloat16))
+    assert not linear._upcast(mx.zeros((4, 256), dtype=mx.float32))
+    assert linear._upcast(mx.zeros((4, 256), dtype=mx.bfloat16))
+    policy(True, False)
+    assert not linear._upcast(mx.zeros((4, 256), dtype=mx.bfloat16))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("fast_blas", [False, True])
+def test_quantized_layers_dequantize_on_cpu_with_the_same_result(policy, bits, fast_blas):
+    layer = dense_layer().to_quantized(group_size=64, bits=bits)
+    assert isinstance(layer, linear.QuantizedLinear)
+    x = mx.random.normal((3, 5, 256)).astype(mx.bfloat16)
+    weight = mx.dequantize(
+        layer.weight, layer.scales, layer.biases, group_size=64, bits=bits, dtype=mx.float32
+    )
+    exact = x.astype(mx.float32) @ weight.T + layer.bias.astype(mx.float32)
+    policy(False, False)
+    kernel = layer(x)  # mx.quantized_matmul
+    policy(True, fast_blas)
+    dequantized = layer(x)
+    assert dequantized.dtype == kernel.dtype
+    # Within bf16 output rounding of the exact product, and no worse than the
+    # kernel (MLX's CPU quantized_matmul measures ~3e-2 here).
+    assert max_rel(dequantized, exact) < 1e-2
+    assert max_rel(dequantized, exact) <= max_rel(kernel, exact)
+
+
+def test_nn_quantize_builds_our_quantized_layer():
+    model = nn.Sequential(dense_layer(mx.float32), nn.ReLU())
+    nn.quantize(model, group_size=64, bits=4)
+    assert type(model.layers[0]) is linear.QuantizedLinear
+
+
+@pytest.mark.parametrize("blas, expected", [(None, "True False"), ("openblas", "True True")])
+def test_policy_follows_device_and_preloaded_blas(blas, expected):
+    env = {k: v for k, v in os.environ.items() if k != "MLX_VLM_QWEN3VL_BLAS"}
+    if blas:
+        env["MLX_VLM_QWEN3VL_BLAS"] = blas
+    code = (
+        "from mlx_vlm_qwen3vl.qwen3_vl.linear import cpu_policy\n"
+        "print(*cpu_policy())\n"
+        "import mlx.core as mx\n"
+        "mx.set_default_device(mx.gpu) if mx.metal.is_available() else None\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected
