@@ -14,6 +14,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from mlx_vlm.models.base import InputEmbeddingsFeatures
 
@@ -185,13 +186,26 @@ class Model(nn.Module):
         if self.vision_tower is None:
             return out
         sanitized = self.vision_tower.sanitize(out)
-        unknown = sorted(set(out) - set(sanitized))
+        # Both towers at once, so that one error names every unexpected key.
+        unknown = sorted(set(out) - set(sanitized)) + _unknown_language_weights(self.language_model, out)
         if unknown:
             raise ValueError(
-                f"the checkpoint has {len(unknown)} vision weights this model does not "
-                f"have: {', '.join(unknown[:10])}; check vision_config in config.json"
+                f"the checkpoint has {len(unknown)} weights this model does not have: "
+                f"{', '.join(unknown[:10])}; check text_config and vision_config in config.json"
             )
         return sanitized
+
+
+def _unknown_language_weights(language_model, weights: dict) -> list:
+    """Keys under `language_model.` with no parameter there (quantization
+    companions of a weight count as known: they appear after nn.quantize)."""
+    names = {name for name, _ in tree_flatten(language_model.parameters())}
+    prefix = "language_model."
+    return [
+        key
+        for key in weights
+        if key.startswith(prefix) and not VisionModel._is_loadable(key[len(prefix) :], names)
+    ]
 
 
 # Non-persistent buffers some exports include; the model computes them.
