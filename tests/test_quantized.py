@@ -262,3 +262,25 @@ def test_unexpected_weights_in_both_towers_are_named_together(tiny_checkpoint, t
         load_model(path)
     assert "vision_tower.merger.extra_proj.weight" in str(error.value)
     assert "language_model.model.norm.extra" in str(error.value)
+
+
+def test_bfloat16_host_greedy_follows_the_model_argmax(bf16_checkpoint, prompts):
+    """mlx-vlm's loop takes log-probabilities in the logits' dtype: the model
+    returns float32 logits so that bf16 near-ties do not collapse to the
+    lowest token id (found on this checkpoint: the raw top token was 101453,
+    the loop picked 11432)."""
+    from mlx_vlm.generate.ar import generate_step
+
+    model = load_model(Path(bf16_checkpoint))
+    for case in ("text", "image"):
+        inputs = prompts[case]
+        pixels = inputs.get("pixel_values")
+        kwargs = {k: mx.array(v) for k, v in inputs.items() if k not in ("input_ids", "pixel_values")}
+        steps = generate_step(
+            mx.array(inputs["input_ids"]), model, None if pixels is None else mx.array(pixels), None,
+            max_tokens=8, temperature=0.0, **kwargs,
+        )
+        tokens = [int(token) for token, _ in steps]
+        logits = _ours_logits(model, _with_tokens(inputs, tokens[:-1]))
+        assert logits.dtype == np.float32
+        assert logits[-8:].argmax(-1).tolist() == tokens, case

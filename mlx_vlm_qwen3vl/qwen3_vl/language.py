@@ -241,7 +241,10 @@ class LanguageModel(nn.Module):
             logits = self.model.embed_tokens.as_linear(out)
         else:
             logits = self.lm_head(out)
-        return LanguageModelOutput(logits=logits)
+        # The host takes log-probabilities in the logits' dtype: in bfloat16
+        # near-tied top tokens collapse to the lowest id (transformers also
+        # picks tokens from float32 logits).
+        return LanguageModelOutput(logits=logits.astype(mx.float32))
 
     # ------------------------------------------------------------ positions
     def _explicit_positions(self, position_ids, start, B, L):
