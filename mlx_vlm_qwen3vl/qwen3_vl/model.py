@@ -42,6 +42,7 @@ class Model(nn.Module):
         pixel_values: Optional[mx.array] = None,
         **kwargs,
     ) -> InputEmbeddingsFeatures:
+        _check_length(input_ids, self.config.text_config.max_position_embeddings)
         mask = kwargs.get("mask", kwargs.get("attention_mask"))
         if mask is not None and mask.shape[-1] > input_ids.shape[-1]:
             mask = mask[:, -input_ids.shape[-1] :]  # ids are the uncached suffix
@@ -219,6 +220,15 @@ def _processed(cache) -> int:
     if isinstance(offset, mx.array):
         return int(offset.max().item()) if offset.size else 0
     return int(offset)
+
+
+def _check_length(input_ids, limit):
+    if input_ids.shape[-1] > limit:
+        raise ValueError(
+            f"the prompt has {input_ids.shape[-1]} tokens but this model handles at most "
+            f"{limit} (text_config.max_position_embeddings); shorten the prompt, use fewer "
+            "or smaller images (max_pixels), or fewer video frames (max_frames)"
+        )
 
 
 def _check_counts(token_mask, features, name, pixels):
