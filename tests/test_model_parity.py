@@ -20,6 +20,8 @@ from mlx_vlm.utils import StoppingCriteria, load_model
 from mlx_vlm_qwen3vl.qwen3_vl import Model
 from mlx_vlm_qwen3vl.qwen3_vl.rope import InterleavedMRoPE
 
+from helpers import drain, ours_kwargs, prompt_kwargs, single_run
+
 TOL = 1e-4
 VISION_START, VISION_END, IMAGE, VIDEO = 151652, 151653, 151655, 151656
 PATCH_DIM = 3 * 2 * 16 * 16  # channels x temporal patch x patch^2
@@ -99,17 +101,12 @@ def _reference_logits(reference, ids, media):
         ).logits[0].numpy()
 
 
-def _ours_kwargs(media):
-    kwargs = {k: mx.array(np.array(v)) for k, v in media.items()}
-    return kwargs.pop("pixel_values", None), kwargs
-
-
 # ------------------------------------------------------------------ logits
 @pytest.mark.parametrize("case", ["text", "one image", "two images", "video", "image and video"])
 def test_logits_match_transformers(pair, tokenizer, case):
     ids, media = _prompts(tokenizer)[case]
     expected = _reference_logits(pair.reference, ids, media)
-    pixels, kwargs = _ours_kwargs(media)
+    pixels, kwargs = ours_kwargs(media)
     got = np.array(pair.ours(mx.array([ids]), pixels, **kwargs).logits[0])
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() <= TOL
@@ -118,7 +115,7 @@ def test_logits_match_transformers(pair, tokenizer, case):
 def test_visual_inputs_and_3d_positions_change_the_logits(pair, tokenizer):
     """Guards the parity test against passing vacuously."""
     ids, media = _prompts(tokenizer)["two images"]
-    pixels, kwargs = _ours_kwargs(media)
+    pixels, kwargs = ours_kwargs(media)
     lm = pair.ours.language_model
     features = pair.ours.get_input_embeddings(mx.array([ids]), pixels, **kwargs)
     full = np.array(pair.ours(mx.array([ids]), pixels, **kwargs).logits[0])
@@ -189,7 +186,7 @@ def test_greedy_generation_matches_transformers(pair, tokenizer):
     expected, expected_logits = _reference_greedy(pair.reference, ids, media, n)
     assert len(set(expected)) >= 3, "the reference output is degenerate; the test would be weak"
 
-    pixels, kwargs = _ours_kwargs(media)
+    pixels, kwargs = ours_kwargs(media)
     cache = make_prompt_cache(pair.ours.language_model)
     logits = pair.ours(mx.array([ids]), pixels, cache=cache, **kwargs).logits[:, -1]
     tokens, worst = [], 0.0
@@ -213,7 +210,7 @@ def test_prompt_cache_reuse_continues_an_image_conversation(model, tokenizer):
     from mlx_vlm.generate.dispatch import _prime_cached_prefix_rope_state
 
     ids, media = _prompts(tokenizer)["two images"]
-    pixels, kwargs = _ours_kwargs(media)
+    pixels, kwargs = ours_kwargs(media)
     cache = make_prompt_cache(model.language_model)
     first = [t for t, _ in generate_step(mx.array([ids]), model, pixels, None, max_tokens=6,
                                          temperature=0.0, prompt_cache=cache, **kwargs)]
@@ -236,22 +233,10 @@ def _batch_rows(tok):
     return [prompts["text"], prompts["two images"], prompts["image and video"]]
 
 
-def _single_run(model, ids, media, n):
-    pixels, kwargs = _ours_kwargs(media)
-    cache = make_prompt_cache(model.language_model)
-    logits = model(mx.array([ids]), pixels, cache=cache, **kwargs).logits
-    steps, tokens = [np.array(logits[0])], []
-    for _ in range(n):
-        tokens.append(int(mx.argmax(logits[0, -1]).item()))
-        logits = model.language_model(mx.array([[tokens[-1]]]), cache=cache).logits
-        steps.append(np.array(logits[0, -1]))
-    return steps, tokens
-
-
 @pytest.fixture(scope="module")
 def single_runs(model, tokenizer):
     """Each batch row run alone: logits of the prompt and of 5 greedy steps."""
-    return [_single_run(model, ids, media, 5) for ids, media in _batch_rows(tokenizer)]
+    return [single_run(model, ids, media, 5) for ids, media in _batch_rows(tokenizer)]
 
 
 def _left_padded(rows):
@@ -290,10 +275,6 @@ def test_left_padded_batch_matches_single_runs(model, tokenizer, single_runs, ca
             assert np.abs(np.array(logits[row, -1]) - steps[step + 1]).max() <= TOL
 
 
-def _prompt_kwargs(features, **extra):
-    return {**extra, **{k: v for k, v in features.to_dict().items() if v is not None}}
-
-
 @pytest.mark.parametrize("embedding", ["one padded batch", "one request per row"])
 def test_host_batch_generator_matches_single_runs(model, tokenizer, single_runs, embedding):
     """mlx-vlm's BatchGenerator with chunked prefill, fed as batch_generate feeds
@@ -308,21 +289,16 @@ def test_host_batch_generator_matches_single_runs(model, tokenizer, single_runs,
         ids, mask, _, media = _left_padded(rows)
         pixels = media.pop("pixel_values")
         features = model.get_input_embeddings(ids, pixels, mask=mask, **media)
-        kwargs = _prompt_kwargs(features, **{k: v for k, v in media.items() if "grid" in k})
+        kwargs = prompt_kwargs(features, **{k: v for k, v in media.items() if "grid" in k})
         uids = generator.insert(ids, n, prompt_kwargs=_split_prompt_kwargs_per_row(kwargs, 3),
                                 attention_mask=mask)
     else:
         kwargs = []
         for ids, media in rows:
-            pixels, extra = _ours_kwargs(media)
-            kwargs.append(_prompt_kwargs(model.get_input_embeddings(mx.array([ids]), pixels, **extra), **extra))
+            pixels, extra = ours_kwargs(media)
+            kwargs.append(prompt_kwargs(model.get_input_embeddings(mx.array([ids]), pixels, **extra), **extra))
         uids = generator.insert([ids for ids, _ in rows], n, prompt_kwargs=kwargs)
-    got = {uid: [] for uid in uids}
-    while generator.has_work:
-        for response in generator.next()[1]:
-            got[response.uid].append(response.token)
-    generator.close()
-    assert [got[uid] for uid in uids] == expected
+    assert drain(generator, uids) == expected
 
 
 def test_text_only_prompt_takes_the_plain_path(model, tokenizer, monkeypatch):
@@ -343,7 +319,7 @@ def test_cached_image_features_are_used(model, tokenizer):
     """The host's vision-feature caches: `cached_image_features` (generate) and
     `vision_cache` + `_image_key` (server)."""
     ids, media = _prompts(tokenizer)["one image"]
-    pixels, kwargs = _ours_kwargs(media)
+    pixels, kwargs = ours_kwargs(media)
     expected = np.array(model(mx.array([ids]), pixels, **kwargs).logits)
     cached = model.encode_images(pixels, **kwargs)
     got = model(mx.array([ids]), pixels * 0, cached_image_features=cached, **kwargs).logits
@@ -360,7 +336,7 @@ def test_cached_image_features_are_used(model, tokenizer):
 def test_placeholder_and_feature_count_mismatch_is_a_clear_error(model, tokenizer):
     ids, media = _prompts(tokenizer)["one image"]
     ids = [t for i, t in enumerate(ids) if not (t == IMAGE and i == ids.index(IMAGE))]
-    pixels, kwargs = _ours_kwargs(media)
+    pixels, kwargs = ours_kwargs(media)
     with pytest.raises(ValueError, match=r"11 image placeholder tokens.*12 image features"):
         model(mx.array([ids]), pixels, **kwargs)
 
