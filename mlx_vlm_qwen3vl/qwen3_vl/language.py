@@ -27,7 +27,7 @@ from mlx_vlm.models.base import (
 from mlx_vlm.models.cache import create_causal_mask
 
 from .config import ModelConfig, TextConfig
-from .linear import Linear
+from .layers import Embedding, Linear
 from .rope import InterleavedMRoPE, plain_offset, rope_index
 
 
@@ -113,7 +113,7 @@ class Qwen3VLTextModel(nn.Module):
                 "Qwen3-VL checkpoints use the interleaved layout"
             )
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 

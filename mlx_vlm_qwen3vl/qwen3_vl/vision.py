@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import VisionConfig
-from .linear import Linear
+from .layers import Linear
 
 WEIGHT_PREFIX = "vision_tower."
 

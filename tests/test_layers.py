@@ -1,4 +1,4 @@
-"""The CPU kernel choices of qwen3_vl/linear.py: same results, other kernels."""
+"""The CPU kernel choices of qwen3_vl/layers.py: same results, other kernels."""
 
 import os
 import subprocess
@@ -8,20 +8,20 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from mlx_vlm_qwen3vl.qwen3_vl import linear
+from mlx_vlm_qwen3vl.qwen3_vl import layers
 
 
 @pytest.fixture
 def policy(monkeypatch):
     def set_policy(on_cpu, fast_blas):
-        monkeypatch.setattr(linear, "cpu_policy", lambda: (on_cpu, fast_blas))
+        monkeypatch.setattr(layers, "cpu_policy", lambda: (on_cpu, fast_blas))
 
     return set_policy
 
 
 def dense_layer(dtype=mx.bfloat16, bias=True):
     mx.random.seed(3)
-    layer = linear.Linear(256, 192, bias=bias)
+    layer = layers.Linear(256, 192, bias=bias)
     layer.update({k: v.astype(dtype) for k, v in layer.parameters().items()})
     if bias:
         layer.bias = (mx.random.normal((192,)) * 0.1).astype(dtype)
@@ -49,19 +49,20 @@ def test_float32_product_through_fast_blas_matches_bf16(policy, rows):
 
 def test_single_rows_and_float32_inputs_take_the_plain_kernel(policy):
     policy(True, True)
-    assert not linear._upcast(mx.zeros((1, 1, 256), dtype=mx.bfloat16))
-    assert not linear._upcast(mx.zeros((4, 256), dtype=mx.float32))
-    assert linear._upcast(mx.zeros((4, 256), dtype=mx.bfloat16))
+    assert not layers._upcast(mx.zeros((1, 1, 256), dtype=mx.bfloat16))
+    assert not layers._upcast(mx.zeros((4, 256), dtype=mx.float32))
+    assert layers._upcast(mx.zeros((4, 256), dtype=mx.bfloat16))
     policy(True, False)
-    assert not linear._upcast(mx.zeros((4, 256), dtype=mx.bfloat16))
+    assert not layers._upcast(mx.zeros((4, 256), dtype=mx.bfloat16))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("fast_blas", [False, True])
-def test_quantized_layers_dequantize_on_cpu_with_the_same_result(policy, bits, fast_blas):
+@pytest.mark.parametrize("shape", [(1, 1, 256), (2, 4, 256), (3, 5, 256)])  # float32 kernel / dequantize
+def test_quantized_layers_on_cpu_give_the_same_result(policy, bits, fast_blas, shape):
     layer = dense_layer().to_quantized(group_size=64, bits=bits)
-    assert isinstance(layer, linear.QuantizedLinear)
-    x = mx.random.normal((3, 5, 256)).astype(mx.bfloat16)
+    assert isinstance(layer, layers.QuantizedLinear)
+    x = mx.random.normal(shape).astype(mx.bfloat16)
     weight = mx.dequantize(
         layer.weight, layer.scales, layer.biases, group_size=64, bits=bits, dtype=mx.float32
     )
@@ -77,10 +78,32 @@ def test_quantized_layers_dequantize_on_cpu_with_the_same_result(policy, bits, f
     assert max_rel(dequantized, exact) <= max_rel(kernel, exact)
 
 
+@pytest.mark.parametrize("rows", [1, 12])
+def test_quantized_tied_head_on_cpu_gives_the_same_result(policy, rows):
+    mx.random.seed(5)
+    embedding = layers.Embedding(320, 128)
+    embedding.weight = (embedding.weight * 0.05).astype(mx.bfloat16)
+    quantized = embedding.to_quantized(group_size=64, bits=4)
+    assert isinstance(quantized, layers.QuantizedEmbedding)
+    x = mx.random.normal((1, rows, 128)).astype(mx.bfloat16)
+    weight = mx.dequantize(
+        quantized.weight, quantized.scales, quantized.biases, group_size=64, bits=4, dtype=mx.float32
+    )
+    exact = x.astype(mx.float32) @ weight.T
+    policy(False, False)
+    kernel = quantized.as_linear(x)
+    policy(True, False)
+    ours = quantized.as_linear(x)
+    assert ours.dtype == kernel.dtype == mx.bfloat16
+    assert max_rel(ours, exact) < 1e-2
+    assert max_rel(ours, exact) <= max_rel(kernel, exact)
+
+
 def test_nn_quantize_builds_our_quantized_layer():
-    model = nn.Sequential(dense_layer(mx.float32), nn.ReLU())
+    model = nn.Sequential(dense_layer(mx.float32), layers.Embedding(64, 128))
     nn.quantize(model, group_size=64, bits=4)
-    assert type(model.layers[0]) is linear.QuantizedLinear
+    assert type(model.layers[0]) is layers.QuantizedLinear
+    assert type(model.layers[1]) is layers.QuantizedEmbedding
 
 
 @pytest.mark.parametrize("blas, expected", [(None, "True False"), ("openblas", "True True")])
@@ -89,7 +112,7 @@ def test_policy_follows_device_and_preloaded_blas(blas, expected):
     if blas:
         env["MLX_VLM_QWEN3VL_BLAS"] = blas
     code = (
-        "from mlx_vlm_qwen3vl.qwen3_vl.linear import cpu_policy\n"
+        "from mlx_vlm_qwen3vl.qwen3_vl.layers import cpu_policy\n"
         "print(*cpu_policy())\n"
         "import mlx.core as mx\n"
         "mx.set_default_device(mx.gpu) if mx.metal.is_available() else None\n"

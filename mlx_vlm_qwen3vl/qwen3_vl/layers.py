@@ -1,0 +1,115 @@
+"""Linear and embedding layers that take the fast kernel on MLX's CPU backend.
+
+Off the CPU (Metal, CUDA) these are exactly `nn.Linear`, `nn.Embedding` and
+their quantized forms. On the CPU (mlx[cpu] on Linux) MLX's own kernels set
+the cost (shared/notes/mlx-cpu-performance.md, benchmarks/bench_blas.py), and
+the same arithmetic is much faster in another form:
+
+- Quantized weights, few rows (decode): `quantized_matmul` with float32
+  activations, scales and biases is ~8x faster than with bfloat16 ones.
+- Quantized weights, many rows (prefill): dequantizing and multiplying
+  densely is ~19x faster than `quantized_matmul` in bfloat16 at 128 rows.
+  Both are also closer to the exact product than the bfloat16 kernel.
+- bfloat16 products never reach BLAS. With an optimized BLAS preloaded
+  (`MLX_VLM_QWEN3VL_BLAS`, see cpu_blas.py), products of several rows
+  (prefill, the vision tower) run in float32 through sgemm (6-40x faster).
+  Single rows keep their kernel: upcasting a matrix-vector product costs more
+  than it saves.
+
+Every result is cast back to the input's dtype.
+"""
+
+from functools import lru_cache
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# Up to this many rows, float32 quantized_matmul beats dequantize + matmul.
+QUANTIZED_KERNEL_MAX_ROWS = 8
+
+
+@lru_cache(maxsize=None)
+def cpu_policy():
+    """(on_cpu, fast_blas): decided once per process."""
+    on_cpu = mx.default_device().type == mx.DeviceType.cpu
+    if not on_cpu:
+        return False, False
+    from mlx_vlm_qwen3vl import cpu_blas
+
+    return True, cpu_blas.loaded_library is not None
+
+
+def _rows(x: mx.array) -> int:
+    return x.size // x.shape[-1] if x.ndim else 1
+
+
+def _upcast(x: mx.array) -> bool:
+    """Run this dense product in float32 through the fast BLAS?"""
+    on_cpu, fast_blas = cpu_policy()
+    return fast_blas and x.dtype != mx.float32 and _rows(x) > 1
+
+
+def _cpu_quantized(layer) -> bool:
+    on_cpu, _ = cpu_policy()
+    return on_cpu and layer.mode == "affine"
+
+
+def _quantized_product(layer, x: mx.array) -> mx.array:
+    """x @ W.T for a quantized W, in float32 unless dense bf16 is the fast way."""
+    scales, biases = layer["scales"], layer.get("biases")
+    if _rows(x) <= QUANTIZED_KERNEL_MAX_ROWS:
+        f32 = mx.float32
+        return mx.quantized_matmul(
+            x.astype(f32),
+            layer["weight"],
+            scales=scales.astype(f32),
+            biases=None if biases is None else biases.astype(f32),
+            transpose=True,
+            group_size=layer.group_size,
+            bits=layer.bits,
+        )
+    dtype = mx.float32 if _upcast(x) else x.dtype
+    weight = mx.dequantize(
+        layer["weight"], scales, biases, group_size=layer.group_size, bits=layer.bits, dtype=dtype
+    )
+    return x.astype(dtype) @ weight.T
+
+
+class Linear(nn.Linear):
+    def __call__(self, x: mx.array) -> mx.array:
+        if not _upcast(x):
+            return super().__call__(x)
+        out = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+        if "bias" in self:
+            out = out + self.bias.astype(mx.float32)
+        return out.astype(x.dtype)
+
+    def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
+        if quantize_input:
+            return super().to_quantized(group_size, bits, mode, quantize_input)
+        return QuantizedLinear.from_linear(self, group_size, bits, mode)
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    def __call__(self, x: mx.array) -> mx.array:
+        if not _cpu_quantized(self):
+            return super().__call__(x)
+        out = _quantized_product(self, x)
+        if "bias" in self:
+            out = out + self["bias"].astype(out.dtype)
+        return out.astype(x.dtype)
+
+
+class Embedding(nn.Embedding):
+    def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
+        if quantize_input:
+            return super().to_quantized(group_size, bits, mode, quantize_input)
+        return QuantizedEmbedding.from_embedding(self, group_size, bits, mode)
+
+
+class QuantizedEmbedding(nn.QuantizedEmbedding):
+    def as_linear(self, x: mx.array) -> mx.array:
+        """The tied output head: the largest product of every decode step."""
+        if not _cpu_quantized(self):
+            return super().as_linear(x)
+        return _quantized_product(self, x).astype(x.dtype)
