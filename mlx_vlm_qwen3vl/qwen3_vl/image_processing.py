@@ -9,19 +9,17 @@ vision tower's merger expects.
 
 import base64
 import io
-import json
 import math
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps
 
-MAX_ASPECT_RATIO = 200
-DEFAULT_MEAN = (0.5, 0.5, 0.5)
-DEFAULT_STD = (0.5, 0.5, 0.5)
+from .pixel_settings import MAX_ASPECT_RATIO, PixelSettings, fit_pixel_budget, normalize
+
 # Above this many source pixels a JPEG is decoded at a reduced scale (never
 # below the target size) instead of at full size.
 DEFAULT_MAX_DECODE_PIXELS = 64_000_000
@@ -40,17 +38,7 @@ def smart_resize(
             f"{width}x{height} image is above the limit of {MAX_ASPECT_RATIO}; "
             "crop or pad it first"
         )
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+    return fit_pixel_budget(height, width, factor, min_pixels, max_pixels)
 
 
 def describe(source) -> str:
@@ -197,61 +185,6 @@ def array_to_rgb(array: np.ndarray, name: str) -> Image.Image:
     return to_rgb(Image.fromarray(array))
 
 
-def normalization_table(
-    rescale_factor: float,
-    mean: Sequence[float],
-    std: Sequence[float],
-    do_rescale: bool = True,
-    do_normalize: bool = True,
-) -> np.ndarray:
-    """[3, 256] float32: every uint8 value per channel after rescale and normalize,
-    computed with the reference's arithmetic (rescale in float64, then float32)."""
-    values = np.arange(256, dtype=np.float64)
-    if do_rescale:
-        values = values * rescale_factor
-    values = np.broadcast_to(values.astype(np.float32), (3, 256))
-    if do_normalize:
-        mean = np.asarray(mean, dtype=np.float32)[:, None]
-        std = np.asarray(std, dtype=np.float32)[:, None]
-        values = (values - mean) / std
-    return np.ascontiguousarray(values, dtype=np.float32)
-
-
-def normalize(pixels: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """uint8 [..., C] to float32 through the per-channel `normalization_table`."""
-    values = np.empty(pixels.shape, dtype=np.float32)
-    for channel in range(pixels.shape[-1]):
-        values[..., channel] = table[channel].take(pixels[..., channel])
-    return values
-
-
-def patchify(
-    frames: np.ndarray,
-    patch_size: int,
-    temporal_patch_size: int,
-    merge_size: int,
-) -> np.ndarray:
-    """Frames [T, H, W, C] (T a multiple of temporal_patch_size) to rows
-    [T/tp * H/p * W/p, C * tp * p * p], ordered by temporal group, then merge
-    block (row-major), then position inside the block; each row is (C, t, y, x)."""
-    t, height, width, channels = frames.shape
-    grid_t, grid_h, grid_w = t // temporal_patch_size, height // patch_size, width // patch_size
-    blocks = frames.reshape(
-        grid_t,
-        temporal_patch_size,
-        grid_h // merge_size,
-        merge_size,
-        patch_size,
-        grid_w // merge_size,
-        merge_size,
-        patch_size,
-        channels,
-    )
-    # -> (grid_t, bh, bw, mh, mw, C, tp, py, px)
-    blocks = blocks.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
-    return blocks.reshape(grid_t * grid_h * grid_w, channels * temporal_patch_size * patch_size**2)
-
-
 def convert_tensors(data: dict, return_tensors) -> dict:
     """numpy values as the caller asked: numpy (None/"np"), mx.array ("mlx") or torch ("pt")."""
     if return_tensors in (None, "np", "numpy"):
@@ -271,79 +204,33 @@ def convert_tensors(data: dict, return_tensors) -> dict:
     return {k: convert(v) if isinstance(v, np.ndarray) else v for k, v in data.items()}
 
 
-class Qwen3VLImageProcessor:
+class Qwen3VLImageProcessor(PixelSettings):
     """Images to `pixel_values` and `image_grid_thw`, as transformers' PIL backend does."""
 
     model_input_names = ["pixel_values", "image_grid_thw"]
+    config_file = "preprocessor_config.json"
+    default_min_pixels = 56 * 56
+    default_max_pixels = 28 * 28 * 1280
 
     def __init__(
         self,
-        size: Optional[dict] = None,
-        min_pixels: Optional[int] = None,
-        max_pixels: Optional[int] = None,
-        patch_size: int = 16,
-        temporal_patch_size: int = 2,
-        merge_size: int = 2,
-        image_mean: Sequence[float] = DEFAULT_MEAN,
-        image_std: Sequence[float] = DEFAULT_STD,
-        rescale_factor: float = 1 / 255,
-        do_rescale: bool = True,
-        do_normalize: bool = True,
+        *args,
         do_resize: bool = True,
         max_image_pixels: Optional[int] = None,
         max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS,
-        **unused,
+        **settings,
     ):
-        size = dict(size or {})
-        self.min_pixels = int(min_pixels or size.get("shortest_edge") or 56 * 56)
-        self.max_pixels = int(max_pixels or size.get("longest_edge") or 28 * 28 * 1280)
-        self.patch_size = patch_size
-        self.temporal_patch_size = temporal_patch_size
-        self.merge_size = merge_size
-        self.image_mean = list(image_mean)
-        self.image_std = list(image_std)
-        self.rescale_factor = rescale_factor
-        self.do_rescale = do_rescale
-        self.do_normalize = do_normalize
+        """Positional arguments and `settings` are `PixelSettings`' (size,
+        min_pixels, ..., do_normalize)."""
+        super().__init__(*args, **settings)
         self.do_resize = do_resize
         self.max_image_pixels = max_image_pixels
         self.max_decode_pixels = max_decode_pixels
-        self.resample = Image.Resampling.BICUBIC
-        self._table = normalization_table(
-            rescale_factor, self.image_mean, self.image_std, do_rescale, do_normalize
-        )
-
-    @classmethod
-    def from_dict(cls, config: dict, **overrides) -> "Qwen3VLImageProcessor":
-        return cls(**{**config, **overrides})
-
-    @classmethod
-    def from_pretrained(cls, path, **overrides) -> "Qwen3VLImageProcessor":
-        config_file = Path(path) / "preprocessor_config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        return cls.from_dict(config, **overrides)
-
-    @property
-    def size(self) -> dict:
-        return {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
-
-    @property
-    def factor(self) -> int:
-        return self.patch_size * self.merge_size
 
     def to_dict(self) -> dict:
         return {
             "image_processor_type": "Qwen2VLImageProcessor",
-            "processor_class": "Qwen3VLProcessor",
-            "size": self.size,
-            "patch_size": self.patch_size,
-            "temporal_patch_size": self.temporal_patch_size,
-            "merge_size": self.merge_size,
-            "image_mean": self.image_mean,
-            "image_std": self.image_std,
-            "rescale_factor": self.rescale_factor,
-            "do_rescale": self.do_rescale,
-            "do_normalize": self.do_normalize,
+            **super().to_dict(),
             "do_resize": self.do_resize,
         }
 
@@ -372,14 +259,12 @@ class Qwen3VLImageProcessor:
         )
 
     def num_image_tokens(self, height: int, width: int, **overrides) -> int:
-        resized_h, resized_w = self.target_size(height, width, **overrides)
-        return (resized_h // self.patch_size) * (resized_w // self.patch_size) // self.merge_size**2
+        resized = self.target_size(height, width, **overrides)
+        return math.prod(self.grid_thw(1, *resized)) // self.merge_size**2
 
     def get_number_of_image_patches(self, height: int, width: int, images_kwargs=None) -> int:
-        resized_h, resized_w = self.target_size(
-            height, width, **_size_overrides(images_kwargs or {})
-        )
-        return (resized_h // self.patch_size) * (resized_w // self.patch_size)
+        resized = self.target_size(height, width, **_size_overrides(images_kwargs or {}))
+        return math.prod(self.grid_thw(1, *resized))
 
     def load(self, source, **overrides) -> Image.Image:
         """Any supported input as an RGB PIL image, EXIF orientation applied
@@ -409,9 +294,7 @@ class Qwen3VLImageProcessor:
             resized_h, resized_w = self.target_size(*source_size, **overrides)
         except ValueError as error:
             raise ValueError(f"image {name}: {error}") from None
-        if (resized_w, resized_h) == image.size:
-            return image
-        return image.resize((resized_w, resized_h), resample=self.resample)
+        return self.resize_to(image, resized_h, resized_w)
 
     def _check_divisible(self, image: Image.Image, name: str):
         if image.height % self.factor or image.width % self.factor:
@@ -429,8 +312,7 @@ class Qwen3VLImageProcessor:
         values = normalize(np.asarray(image, dtype=np.uint8), self._table)
         # a still image fills every temporal slot: a zero-copy repeat
         frames = np.broadcast_to(values, (self.temporal_patch_size, *values.shape))
-        rows = patchify(frames, self.patch_size, self.temporal_patch_size, self.merge_size)
-        return rows, (1, image.height // self.patch_size, image.width // self.patch_size)
+        return self.to_patches(frames)
 
     def __call__(self, images, return_tensors=None, **kwargs) -> dict:
         overrides = _size_overrides(kwargs)
@@ -441,11 +323,7 @@ class Qwen3VLImageProcessor:
             grids.append(grid)
         if not rows:
             raise ValueError("no images were given")
-        data = {
-            "pixel_values": np.concatenate(rows, axis=0),
-            "image_grid_thw": np.array(grids, dtype=np.int64),
-        }
-        return convert_tensors(data, return_tensors)
+        return convert_tensors(self.pack(rows, grids), return_tensors)
 
     preprocess = __call__
 

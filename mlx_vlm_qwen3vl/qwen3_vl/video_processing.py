@@ -7,7 +7,6 @@ decoded with PyAV, and each sampled frame keeps its presentation time from the
 container, so the prompt's `<t seconds>` markers are the real frame times.
 """
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,18 +15,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from .image_processing import (
-    DEFAULT_MEAN,
-    DEFAULT_STD,
-    MAX_ASPECT_RATIO,
-    array_to_rgb,
-    convert_tensors,
-    describe,
-    normalization_table,
-    normalize,
-    patchify,
-    to_rgb,
-)
+from .image_processing import array_to_rgb, convert_tensors, describe, to_rgb
+from .pixel_settings import MAX_ASPECT_RATIO, PixelSettings, fit_pixel_budget, normalize
 
 
 @dataclass
@@ -69,18 +58,8 @@ def smart_resize_video(
             f"aspect ratio {max(height, width) / min(height, width):.1f} of "
             f"{width}x{height} frames is above the limit of {MAX_ASPECT_RATIO}"
         )
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
     t_bar = round(num_frames / temporal_factor) * temporal_factor
-    if t_bar * h_bar * w_bar > max_pixels:
-        beta = math.sqrt((num_frames * height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif t_bar * h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (num_frames * height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+    return fit_pixel_budget(height, width, factor, min_pixels, max_pixels, num_frames, t_bar)
 
 
 def group_timestamps(timestamps: Sequence[float], temporal_patch_size: int) -> List[float]:
@@ -157,83 +136,41 @@ def decode_frames(path: str, indices: Sequence[int]) -> Iterator[Tuple[int, floa
         raise ValueError(f"cannot decode video {path}: {error}") from error
 
 
-class Qwen3VLVideoProcessor:
+class Qwen3VLVideoProcessor(PixelSettings):
     """Videos to `pixel_values_videos`, `video_grid_thw` and per-video metadata."""
 
     model_input_names = ["pixel_values_videos", "video_grid_thw"]
     # mlx-vlm's loader asks `sample_frames` which frames to decode.
     sample_frames_in_loader = True
+    config_file = "video_preprocessor_config.json"
+    default_min_pixels = 128 * 32 * 32
+    default_max_pixels = 32 * 32 * 768
 
     def __init__(
         self,
-        size: Optional[dict] = None,
-        min_pixels: Optional[int] = None,
-        max_pixels: Optional[int] = None,
-        patch_size: int = 16,
-        temporal_patch_size: int = 2,
-        merge_size: int = 2,
-        image_mean: Sequence[float] = DEFAULT_MEAN,
-        image_std: Sequence[float] = DEFAULT_STD,
-        rescale_factor: float = 1 / 255,
-        do_rescale: bool = True,
-        do_normalize: bool = True,
+        *args,
         fps: float = 2.0,
         min_frames: int = 4,
         max_frames: int = 768,
         num_frames: Optional[int] = None,
         cap_pixels_per_frame: bool = False,
         max_video_tokens: int = 768,
-        **unused,
+        **settings,
     ):
-        size = dict(size or {})
-        self.min_pixels = int(min_pixels or size.get("shortest_edge") or 128 * 32 * 32)
-        self.max_pixels = int(max_pixels or size.get("longest_edge") or 32 * 32 * 768)
-        self.patch_size = patch_size
-        self.temporal_patch_size = temporal_patch_size
-        self.merge_size = merge_size
-        self.image_mean = list(image_mean)
-        self.image_std = list(image_std)
-        self.rescale_factor = rescale_factor
-        self.do_rescale = do_rescale
-        self.do_normalize = do_normalize
+        """Positional arguments and `settings` are `PixelSettings`' (size,
+        min_pixels, ..., do_normalize)."""
+        super().__init__(*args, **settings)
         self.fps = fps
         self.min_frames = min_frames
         self.max_frames = max_frames
         self.num_frames = num_frames
         self.cap_pixels_per_frame = bool(cap_pixels_per_frame)
         self.max_video_tokens = max_video_tokens
-        self.resample = Image.Resampling.BICUBIC
-        self._table = normalization_table(
-            rescale_factor, self.image_mean, self.image_std, do_rescale, do_normalize
-        )
-
-    @classmethod
-    def from_dict(cls, config: dict, **overrides) -> "Qwen3VLVideoProcessor":
-        return cls(**{**config, **overrides})
-
-    @classmethod
-    def from_pretrained(cls, path, **overrides) -> "Qwen3VLVideoProcessor":
-        config_file = Path(path) / "video_preprocessor_config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        return cls.from_dict(config, **overrides)
-
-    @property
-    def size(self) -> dict:
-        return {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
 
     def to_dict(self) -> dict:
         return {
             "video_processor_type": "Qwen3VLVideoProcessor",
-            "processor_class": "Qwen3VLProcessor",
-            "size": self.size,
-            "patch_size": self.patch_size,
-            "temporal_patch_size": self.temporal_patch_size,
-            "merge_size": self.merge_size,
-            "image_mean": self.image_mean,
-            "image_std": self.image_std,
-            "rescale_factor": self.rescale_factor,
-            "do_rescale": self.do_rescale,
-            "do_normalize": self.do_normalize,
+            **super().to_dict(),
             "fps": self.fps,
             "min_frames": self.min_frames,
             "max_frames": self.max_frames,
@@ -272,7 +209,7 @@ class Qwen3VLVideoProcessor:
 
     def frame_size(self, num_frames: int, height: int, width: int, **overrides) -> Tuple[int, int]:
         """Per-frame resized (height, width) for a clip of `num_frames` sampled frames."""
-        factor = self.patch_size * self.merge_size
+        factor = self.factor
         min_pixels = overrides.get("min_pixels") or self.min_pixels
         max_pixels = overrides.get("max_pixels") or self.max_pixels
         if overrides.get("cap_pixels_per_frame", self.cap_pixels_per_frame):
@@ -286,9 +223,8 @@ class Qwen3VLVideoProcessor:
     def get_num_of_video_patches(
         self, num_frames: int, height: int, width: int, videos_kwargs=None
     ) -> int:
-        resized_h, resized_w = self.frame_size(num_frames, height, width, **(videos_kwargs or {}))
-        grid_t = -(-num_frames // self.temporal_patch_size)
-        return grid_t * (resized_h // self.patch_size) * (resized_w // self.patch_size)
+        resized = self.frame_size(num_frames, height, width, **(videos_kwargs or {}))
+        return math.prod(self.grid_thw(num_frames, *resized))
 
     def _read_file(self, path: str, fps, num_frames, sampling: dict, shrink=None):
         total, source_fps, width, height, duration = probe_video(path)
@@ -403,8 +339,7 @@ class Qwen3VLVideoProcessor:
                 raise ValueError(f"video {name}: {error}") from None
 
         def shrink(num_frames, image):
-            resized_h, resized_w = target(num_frames, image.height, image.width)
-            return image.resize((resized_w, resized_h), resample=self.resample)
+            return self.resize_to(image, *target(num_frames, image.height, image.width))
 
         frames, metadata = self.load(video, metadata, shrink=shrink, **options)
         width, height = metadata.width, metadata.height
@@ -416,23 +351,11 @@ class Qwen3VLVideoProcessor:
                     f"video {name}: frame {i} is {frame.width}x{frame.height}, "
                     f"frame 0 is {width}x{height}; all frames must have one size"
                 )
-            if frame.size != (resized_w, resized_h):
-                frame = frame.resize((resized_w, resized_h), resample=self.resample)
-            pixels[i] = np.asarray(frame)
+            pixels[i] = np.asarray(self.resize_to(frame, resized_h, resized_w))
         pad = -len(frames) % self.temporal_patch_size
         if pad:
             pixels = np.concatenate([pixels, np.repeat(pixels[-1:], pad, axis=0)])
-        rows = patchify(
-            normalize(pixels, self._table),
-            self.patch_size,
-            self.temporal_patch_size,
-            self.merge_size,
-        )
-        grid = (
-            pixels.shape[0] // self.temporal_patch_size,
-            resized_h // self.patch_size,
-            resized_w // self.patch_size,
-        )
+        rows, grid = self.to_patches(normalize(pixels, self._table))
         return rows, grid, metadata
 
     def __call__(
@@ -496,11 +419,7 @@ class Qwen3VLVideoProcessor:
             metadata.append(meta)
         if not rows:
             raise ValueError("no videos were given")
-        data = {
-            "pixel_values_videos": np.concatenate(rows, axis=0),
-            "video_grid_thw": np.array(grids, dtype=np.int64),
-        }
-        data = convert_tensors(data, return_tensors)
+        data = convert_tensors(self.pack(rows, grids), return_tensors)
         data["video_metadata"] = metadata
         return data
 
