@@ -25,7 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import model_workers  # noqa: E402
 
-BACKENDS = ("plugin", "builtin", "transformers")
+BACKENDS = ("plugin", "plugin+openblas", "builtin", "transformers")
+# plugin+openblas: the plugin with the opt-in fast BLAS (MLX_VLM_QWEN3VL_BLAS=openblas; Linux CPU,
+# Debian's libopenblas0-pthread). Its gains exist only on MLX's CPU backend.
+BLAS_ENV = "MLX_VLM_QWEN3VL_BLAS"
 FIGURES = ("vision", "prefill", "decode")
 DISABLE_ENV = "MLX_VLM_QWEN3VL_DISABLE"
 CACHE_ROOT = Path("~/.cache/mlx-vlm-qwen3vl/bench").expanduser()
@@ -158,10 +161,13 @@ def run_worker(args, backend, path, quant) -> dict:
         "vision_sizes": args.vision_sizes, "seed": args.seed, "torch_threads": args.torch_threads,
     }
     env = dict(os.environ)
+    env.pop(BLAS_ENV, None)
     if backend == "builtin":
         env[DISABLE_ENV] = "1"
     else:
         env.pop(DISABLE_ENV, None)
+    if backend == "plugin+openblas":
+        env[BLAS_ENV] = "openblas"
     with tempfile.TemporaryDirectory() as tmp:
         result_file = Path(tmp) / "result.json"
         spec["result_file"] = str(result_file)
@@ -195,8 +201,15 @@ def worker_main(spec_json: str):
         traceback.print_exc()
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(1)
+    if spec["backend"] == "plugin+openblas":
+        from mlx_vlm_qwen3vl import cpu_blas
+
+        if cpu_blas.loaded_library is None:
+            print("RuntimeError: OpenBLAS was not preloaded (apt-get install libopenblas0-pthread)",
+                  file=sys.stderr)
+            raise SystemExit(1)
     Path(spec["result_file"]).write_text(json.dumps(result))
-    if spec["backend"] == "plugin" and result["model_class"].startswith("mlx_vlm.models."):
+    if spec["backend"].startswith("plugin") and result["model_class"].startswith("mlx_vlm.models."):
         print("warning: 'plugin' backend loaded mlx-vlm's built-in class; is the plugin installed?",
               file=sys.stderr)
 
@@ -259,14 +272,16 @@ def fmt_ratio(value):
 def variant_table(results, bw, markdown=False, clock="wall"):
     names = [b for b in BACKENDS if b in results]
     others = [b for b in ("builtin", "transformers") if "figures" in results.get(b, {})]
-    header = ["figure"] + names + [f"plugin/{other}" for other in others]
+    ours = [b for b in names if b.startswith("plugin") and "figures" in results[b]]
+    pairs = [(mine, other) for mine in ours for other in others]
+    header = ["figure"] + names + [f"{mine}/{other}" for mine, other in pairs]
     rows = []
     for key, label, unit, cells in figure_rows(results, clock):
         label = f"{label} [{unit}]" + (f", {int(next(iter(cells.values()))[2])} tok" if unit == "tok/s" and cells else "")
         row = [label] + [fmt_value(unit, cells.get(n)) for n in names]
-        row += [fmt_ratio(speedup(unit, cells.get("plugin"), cells.get(other))) for other in others]
+        row += [fmt_ratio(speedup(unit, cells.get(mine), cells.get(other))) for mine, other in pairs]
         rows.append(row)
-    pad = [""] * len(others)
+    pad = [""] * len(pairs)
     rows += [row + pad for row in roofline_rows(results, names, bw) + memory_rows(results, names)]
     rows.append(["worker CPU s / wall s, load avg (contention check)"]
                 + [_contention(results[n]) for n in names] + pad)
