@@ -120,3 +120,27 @@ def test_policy_follows_device_and_preloaded_blas(blas, expected):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == expected
+
+
+def test_vision_runs_in_float32_only_with_a_fast_blas(policy, tiny_checkpoint):
+    from pathlib import Path
+
+    from mlx_vlm.utils import load_model
+
+    policy(True, False)
+    assert layers.vision_compute_dtype(mx.bfloat16) == mx.bfloat16
+    policy(False, False)
+    assert layers.vision_compute_dtype(mx.bfloat16) == mx.bfloat16
+
+    model = load_model(Path(tiny_checkpoint))
+    model.set_dtype(mx.bfloat16)
+    grid = mx.array([[1, 4, 6]])
+    pixels = mx.random.normal((24, 3 * 2 * 16 * 16), key=mx.random.key(0))
+    policy(True, False)
+    plain = model.encode_images(pixels, image_grid_thw=grid)
+    policy(True, True)
+    assert layers.vision_compute_dtype(mx.bfloat16) == mx.float32
+    upcast = model.encode_images(pixels, image_grid_thw=grid)
+    for a, b in zip(plain, upcast):
+        assert a.dtype == b.dtype == mx.bfloat16
+        assert 0 < max_rel(b, a) < 5e-2  # bf16 rounding along 3 blocks, not a different result

@@ -12,7 +12,8 @@ the same arithmetic is much faster in another form:
   Both are also closer to the exact product than the bfloat16 kernel.
 - bfloat16 products never reach BLAS. With an optimized BLAS preloaded
   (`MLX_VLM_QWEN3VL_BLAS`, see cpu_blas.py), products of several rows
-  (prefill, the vision tower) run in float32 through sgemm (6-40x faster).
+  (prefill, the vision tower) run in float32 through sgemm (6-40x faster);
+  the vision tower then runs wholly in float32 (`vision_compute_dtype`).
   Single rows keep their kernel: upcasting a matrix-vector product costs more
   than it saves.
 
@@ -47,6 +48,13 @@ def _upcast(x: mx.array) -> bool:
     """Run this dense product in float32 through the fast BLAS?"""
     on_cpu, fast_blas = cpu_policy()
     return fast_blas and x.dtype != mx.float32 and _rows(x) > 1
+
+
+def vision_compute_dtype(dtype):
+    """The vision tower is matmul-bound on every row: with a fast BLAS on the
+    CPU run all of it (attention and norms too) in float32."""
+    on_cpu, fast_blas = cpu_policy()
+    return mx.float32 if fast_blas else dtype
 
 
 def _cpu_quantized(layer) -> bool:

@@ -20,6 +20,7 @@ from mlx_vlm.models.base import InputEmbeddingsFeatures
 
 from .config import ModelConfig
 from .language import LanguageModel
+from .layers import vision_compute_dtype
 from .vision import VisionModel
 
 
@@ -124,8 +125,8 @@ class Model(nn.Module):
                 "use a checkpoint that includes the vision tower for images and videos"
             )
         dtype = self.vision_tower.patch_embed.proj.weight.dtype
-        merged, deepstack = self.vision_tower(pixel_values.astype(dtype), grid_thw)
-        return (merged, *deepstack)
+        merged, deepstack = self.vision_tower(pixel_values, grid_thw, vision_compute_dtype(dtype))
+        return tuple(f.astype(dtype) for f in (merged, *deepstack))
 
     def _remember(self, position_ids, deltas):
         self.language_model._position_ids = position_ids

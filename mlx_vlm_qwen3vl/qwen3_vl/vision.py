@@ -105,8 +105,9 @@ class PatchEmbed(nn.Module):
         # Rows are flattened (C, T, P, P); the weight is (T, P, P, C).
         x = pixel_values.reshape(-1, self.in_channels, *self.kernel)
         x = x.transpose(0, 2, 3, 4, 1).reshape(x.shape[0], -1)
-        x = x.astype(weight.dtype)
-        return mx.addmm(self.proj.bias, x, weight.reshape(weight.shape[0], -1).T)
+        # Computed in the input's dtype (the model picks it; see layers.py).
+        weight = weight.reshape(weight.shape[0], -1).astype(x.dtype)
+        return mx.addmm(self.proj.bias.astype(x.dtype), x, weight.T)
 
 
 def rotate_half(x: mx.array) -> mx.array:
@@ -291,8 +292,9 @@ class VisionModel(nn.Module):
             )
 
     def __call__(
-        self, pixel_values: mx.array, grid_thw
+        self, pixel_values: mx.array, grid_thw, compute_dtype=None
     ) -> Tuple[mx.array, List[mx.array]]:
+        """`compute_dtype` defaults to the weights' dtype."""
         grid = parse_grid(grid_thw, self.merge_size)
         self._validate(pixel_values, grid)
 
@@ -321,7 +323,8 @@ class VisionModel(nn.Module):
             else:
                 segments.append((t, h * w))
 
-        x = self.patch_embed(pixel_values)
+        dtype = compute_dtype or self.patch_embed.proj.weight.dtype
+        x = self.patch_embed(pixel_values.astype(dtype))
         if reordered:
             x = mx.take(
                 x,
