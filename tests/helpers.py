@@ -1,6 +1,11 @@
-"""Test helpers shared by the model and batching suites: our model run on one
-prompt, the host's keyword arguments for a prompt, and a drained BatchGenerator."""
+"""Test helpers shared by several suites: our model run on one prompt, the
+host's keyword arguments for a prompt, a drained BatchGenerator, an edited copy
+of a checkpoint, a seeded Hugging Face cache, and a real encoded video file."""
 
+import shutil
+from pathlib import Path
+
+import av
 import mlx.core as mx
 import numpy as np
 
@@ -42,3 +47,41 @@ def drain(generator, uids):
             got[response.uid].append(response.token)
     generator.close()
     return [got[uid] for uid in uids]
+
+
+def copy_checkpoint_with(src: Path, dst: Path, edit):
+    shutil.copytree(src, dst)
+    weights = dict(mx.load(str(dst / "model.safetensors")))
+    edit(weights)
+    mx.save_safetensors(str(dst / "model.safetensors"), weights, metadata={"format": "pt"})
+    return dst
+
+
+def seed_hub_cache(cache: Path, repo_id: str, checkpoint: Path) -> Path:
+    """Lay `checkpoint` out as a cached Hugging Face snapshot of `repo_id`."""
+    commit = "0" * 40
+    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for item in checkpoint.iterdir():
+        (snapshot / item.name).symlink_to(item)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+
+def write_video(path, num_frames=30, fps=10, height=96, width=128):
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        container.start_encoding()  # writes the header even when no frame follows
+        for i in range(num_frames):
+            frame = np.zeros((height, width, 3), np.uint8)
+            frame[..., 0] = i * 8
+            frame[:, : i * 4, 1] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

@@ -24,8 +24,7 @@ from transformers.video_utils import VideoMetadata
 
 from mlx_vlm.utils import prepare_inputs
 from mlx_vlm_qwen3vl.qwen3_vl.processing import Qwen3VLProcessor
-from test_plugin import _seed_hub_cache
-from test_processor import _write_video
+from helpers import seed_hub_cache, write_video
 
 IMAGE_TOKEN, VIDEO_TOKEN = 151655, 151656
 ALIAS, ALIAS_REPO = "qwen3-vl-4b", "Qwen/Qwen3-VL-4B-Instruct"
@@ -65,12 +64,12 @@ def files(tmp_path_factory, tiny_checkpoint):
     corrupt = root / "corrupt.png"
     corrupt.write_bytes(image.read_bytes()[:8] + b"not an image at all")
     cache = root / "hub"
-    _seed_hub_cache(cache, ALIAS_REPO, Path(tiny_checkpoint))
+    seed_hub_cache(cache, ALIAS_REPO, Path(tiny_checkpoint))
     return SimpleNamespace(
         image=image,
         corrupt=corrupt,
         missing=root / "no_such_picture.png",
-        video=_write_video(root / "clip.mp4", num_frames=CLIP_FRAMES, fps=CLIP_FPS),
+        video=write_video(root / "clip.mp4", num_frames=CLIP_FRAMES, fps=CLIP_FPS),
         cache=cache,
     )
 

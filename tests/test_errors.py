@@ -1,6 +1,5 @@
 """Bad input reaches the user as a clear error naming the problem and the fix."""
 
-from pathlib import Path
 
 import mlx.core as mx
 import pytest

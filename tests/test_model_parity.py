@@ -2,7 +2,6 @@
 (float32, PyTorch CPU) on the tiny random checkpoints: logits at every position,
 greedy generation, left-padded batches, and weight loading errors."""
 
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +19,7 @@ from mlx_vlm.utils import StoppingCriteria, load_model
 from mlx_vlm_qwen3vl.qwen3_vl import Model
 from mlx_vlm_qwen3vl.qwen3_vl.rope import InterleavedMRoPE
 
-from helpers import drain, ours_kwargs, prompt_kwargs, single_run
+from helpers import copy_checkpoint_with, drain, ours_kwargs, prompt_kwargs, single_run
 
 TOL = 1e-4
 VISION_START, VISION_END, IMAGE, VIDEO = 151652, 151653, 151655, 151656
@@ -342,17 +341,11 @@ def test_placeholder_and_feature_count_mismatch_is_a_clear_error(model, tokenize
 
 
 # ------------------------------------------------------------------ weights
-def _copy_with(src: Path, dst: Path, edit):
-    shutil.copytree(src, dst)
-    weights = dict(mx.load(str(dst / "model.safetensors")))
-    edit(weights)
-    mx.save_safetensors(str(dst / "model.safetensors"), weights, metadata={"format": "pt"})
-    return dst
 
 
 def test_missing_weight_is_named(tiny_checkpoint, tmp_path):
     key = "model.language_model.layers.1.mlp.up_proj.weight"
-    path = _copy_with(Path(tiny_checkpoint), tmp_path / "missing", lambda w: w.pop(key))
+    path = copy_checkpoint_with(Path(tiny_checkpoint), tmp_path / "missing", lambda w: w.pop(key))
     with pytest.raises(ValueError, match=r"language_model\.model\.layers\.1\.mlp\.up_proj\.weight"):
         load_model(path)
 
@@ -365,13 +358,13 @@ def test_missing_weight_is_named(tiny_checkpoint, tmp_path):
     ],
 )
 def test_unexpected_weight_is_named(tiny_checkpoint, tmp_path, key, loaded_name):
-    path = _copy_with(Path(tiny_checkpoint), tmp_path / "extra", lambda w: w.__setitem__(key, mx.zeros((2, 2))))
+    path = copy_checkpoint_with(Path(tiny_checkpoint), tmp_path / "extra", lambda w: w.__setitem__(key, mx.zeros((2, 2))))
     with pytest.raises(ValueError, match=loaded_name.replace(".", r"\.")):
         load_model(path)
 
 
 def test_untied_checkpoint_without_lm_head_is_a_clear_error(tiny_checkpoint_untied, tmp_path):
-    path = _copy_with(Path(tiny_checkpoint_untied), tmp_path / "headless", lambda w: w.pop("lm_head.weight"))
+    path = copy_checkpoint_with(Path(tiny_checkpoint_untied), tmp_path / "headless", lambda w: w.pop("lm_head.weight"))
     with pytest.raises(ValueError, match="lm_head"):
         load_model(path)
 
@@ -380,7 +373,7 @@ def test_tied_checkpoint_with_a_stray_lm_head_loads(tiny_checkpoint, tmp_path):
     def add_head(w):
         w["lm_head.weight"] = w["model.language_model.embed_tokens.weight"]
 
-    model = load_model(_copy_with(Path(tiny_checkpoint), tmp_path / "stray", add_head))
+    model = load_model(copy_checkpoint_with(Path(tiny_checkpoint), tmp_path / "stray", add_head))
     assert "language_model.lm_head.weight" not in dict(tree_flatten(model.parameters()))
 
 

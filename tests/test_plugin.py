@@ -7,8 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 
+from helpers import seed_hub_cache
 DISABLE_ENV = "MLX_VLM_QWEN3VL_DISABLE"
 
 
@@ -128,17 +128,6 @@ def test_second_plugin_discovered_through_entry_points(tmp_path):
     assert without == ["['qwen3_vl']"]
 
 
-def _seed_hub_cache(cache: Path, repo_id: str, checkpoint: Path) -> Path:
-    """Lay `checkpoint` out as a cached Hugging Face snapshot of `repo_id`."""
-    commit = "0" * 40
-    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo_dir / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for item in checkpoint.iterdir():
-        (snapshot / item.name).symlink_to(item)
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(commit)
-    return snapshot
 
 
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
@@ -146,7 +135,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1"}
 
 def test_alias_resolves_to_cached_checkpoint_offline(tmp_path, tiny_checkpoint):
     cache = tmp_path / "hub"
-    snapshot = _seed_hub_cache(cache, "Qwen/Qwen3-VL-4B-Instruct", tiny_checkpoint)
+    snapshot = seed_hub_cache(cache, "Qwen/Qwen3-VL-4B-Instruct", tiny_checkpoint)
     out = checked(
         run_python(
             """
@@ -235,7 +224,7 @@ def test_alias_defaults_reach_the_loaded_model(tmp_path, tiny_checkpoint):
     (stripped / "config.json").unlink()
     (stripped / "config.json").write_text(json.dumps(config))
     cache = tmp_path / "hub"
-    _seed_hub_cache(cache, "Qwen/Qwen3-VL-8B-Thinking", stripped)
+    seed_hub_cache(cache, "Qwen/Qwen3-VL-8B-Thinking", stripped)
     out = checked(
         run_python(
             """

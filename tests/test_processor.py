@@ -36,6 +36,8 @@ from transformers.video_utils import VideoMetadata as ReferenceVideoMetadata
 from mlx_vlm_qwen3vl.qwen3_vl.image_processing import Qwen3VLImageProcessor
 from mlx_vlm_qwen3vl.qwen3_vl.processing import DEFAULT_CHAT_TEMPLATE, Qwen3VLProcessor
 
+from helpers import write_video
+
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 
@@ -371,20 +373,6 @@ def test_save_and_reload(processor, tmp_path):
 # ----------------------------------------------------------------------------- videos
 
 
-def _write_video(path, num_frames=30, fps=10, height=96, width=128):
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        container.start_encoding()  # writes the header even when no frame follows
-        for i in range(num_frames):
-            frame = np.zeros((height, width, 3), np.uint8)
-            frame[..., 0] = i * 8
-            frame[:, : i * 4, 1] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 def _decoded_frames(path):
@@ -423,7 +411,7 @@ def _reference_video_rows(reference_images, frames, num_frames, min_pixels, max_
 
 
 def test_video_file_sampling_timestamps_and_pixels(processor, reference_images, tmp_path):
-    path = _write_video(tmp_path / "clip.mp4")  # 3 s at 10 fps
+    path = write_video(tmp_path / "clip.mp4")  # 3 s at 10 fps
     video_processor = processor.video_processor
     got = video_processor([str(path)])
     metadata = got["video_metadata"][0]
@@ -474,7 +462,7 @@ def test_variable_frame_rate_keeps_container_times(processor, tmp_path):
 
 
 def test_video_odd_frame_count_pads_last_frame(processor, reference_images, tmp_path):
-    path = _write_video(tmp_path / "clip.mp4", num_frames=21, fps=7, height=64, width=80)
+    path = write_video(tmp_path / "clip.mp4", num_frames=21, fps=7, height=64, width=80)
     got = processor.video_processor([str(path)], num_frames=5, max_pixels=64 * 64 * 8)
     metadata = got["video_metadata"][0]
     assert metadata.frames_indices == [0, 5, 10, 15, 20]
@@ -490,7 +478,7 @@ def test_video_odd_frame_count_pads_last_frame(processor, reference_images, tmp_
 def test_video_text_matches_transformers_expansion(
     processor, reference_images, tiny_checkpoint, tmp_path
 ):
-    path = _write_video(tmp_path / "clip.mp4")
+    path = write_video(tmp_path / "clip.mp4")
     outputs = processor.video_processor([str(path)])
     prompt = "<|im_start|>user\n{}Describe<|im_end|>\n<|im_start|>assistant\n"
     got = processor(text=prompt.format(VIDEO), videos=[str(path)], return_tensors="np")
@@ -591,7 +579,7 @@ def test_video_patch_counts_match_transformers(processor, cap):
 def test_chat_template_tokenize_loads_media(processor, tmp_path):
     image_path = tmp_path / "a.png"
     _random_image(np.random.default_rng(11), 90, 120).save(image_path)
-    video_path = _write_video(tmp_path / "clip.mp4")
+    video_path = write_video(tmp_path / "clip.mp4")
     conversation = [
         {
             "role": "user",
@@ -622,7 +610,7 @@ def test_prepare_inputs_host_path(processor, tmp_path):
 
     image_path = tmp_path / "a.png"
     _random_image(np.random.default_rng(9), 90, 120).save(image_path)
-    video_path = _write_video(tmp_path / "clip.mp4")
+    video_path = write_video(tmp_path / "clip.mp4")
     prompt = f"<|im_start|>user\n{IMAGE}{VIDEO}Both?<|im_end|>\n<|im_start|>assistant\n"
     inputs = prepare_inputs(
         processor, images=[str(image_path)], videos=[str(video_path)], prompts=[prompt]
@@ -649,7 +637,7 @@ def test_video_errors(processor, tmp_path):
         processor.video_processor([str(tmp_path / "nothing.mp4")])
     with pytest.raises(ValueError, match=r"video .* has no frames"):
         processor.video_processor([np.zeros((0, 32, 32, 3), np.uint8)])
-    empty = _write_video(tmp_path / "empty.mp4", num_frames=0)
+    empty = write_video(tmp_path / "empty.mp4", num_frames=0)
     with pytest.raises(ValueError, match=r"video .*empty\.mp4 has no (video stream|frames)"):
         processor.video_processor([str(empty)])
     with pytest.raises(ValueError, match=r"metadata lists 2 frame indices for 3 frames"):

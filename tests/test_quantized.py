@@ -4,7 +4,6 @@ float layout, and the loading errors the parity suite does not cover.
 
 The measurements are printed (run with `-s`) and recorded as junit properties."""
 
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,6 +19,8 @@ from mlx_vlm.utils import load, load_model
 from mlx_vlm_qwen3vl.builder import build_checkpoint
 from mlx_vlm_qwen3vl.qwen3_vl import Model
 from mlx_vlm_qwen3vl.qwen3_vl.processing import Qwen3VLProcessor
+
+from helpers import copy_checkpoint_with
 
 N_TOKENS = 16
 GROUP_SIZE = 64  # divides every text-layer input width of the tiny shape (128, 256)
@@ -219,12 +220,6 @@ def test_converted_float_checkpoint_gives_identical_logits(converted, tiny_check
 
 
 # ------------------------------------------------------------------ loading errors
-def _copy_with(src: Path, dst: Path, edit):
-    shutil.copytree(src, dst)
-    weights = dict(mx.load(str(dst / "model.safetensors")))
-    edit(weights)
-    mx.save_safetensors(str(dst / "model.safetensors"), weights, metadata={"format": "pt"})
-    return dst
 
 
 @pytest.mark.parametrize(
@@ -237,7 +232,7 @@ def _copy_with(src: Path, dst: Path, edit):
     ],
 )
 def test_missing_vision_weight_is_named(tiny_checkpoint, tmp_path, key):
-    path = _copy_with(Path(tiny_checkpoint), tmp_path / "missing", lambda w: w.pop(key))
+    path = copy_checkpoint_with(Path(tiny_checkpoint), tmp_path / "missing", lambda w: w.pop(key))
     loaded_name = key.replace("model.visual.", "vision_tower.")
     with pytest.raises(ValueError, match=loaded_name.replace(".", r"\.")):
         load_model(path)
@@ -245,7 +240,7 @@ def test_missing_vision_weight_is_named(tiny_checkpoint, tmp_path, key):
 
 def test_missing_weights_in_both_towers_are_all_named(tiny_checkpoint, tmp_path):
     keys = ["model.visual.blocks.0.attn.qkv.bias", "model.language_model.norm.weight"]
-    path = _copy_with(Path(tiny_checkpoint), tmp_path / "missing", lambda w: [w.pop(k) for k in keys])
+    path = copy_checkpoint_with(Path(tiny_checkpoint), tmp_path / "missing", lambda w: [w.pop(k) for k in keys])
     with pytest.raises(ValueError) as error:
         load_model(path)
     assert "vision_tower.blocks.0.attn.qkv.bias" in str(error.value)
@@ -257,7 +252,7 @@ def test_unexpected_weights_in_both_towers_are_named_together(tiny_checkpoint, t
         w["model.visual.merger.extra_proj.weight"] = mx.zeros((2, 2))
         w["model.language_model.norm.extra"] = mx.zeros((2,))
 
-    path = _copy_with(Path(tiny_checkpoint), tmp_path / "extra", add)
+    path = copy_checkpoint_with(Path(tiny_checkpoint), tmp_path / "extra", add)
     with pytest.raises(ValueError) as error:
         load_model(path)
     assert "vision_tower.merger.extra_proj.weight" in str(error.value)

@@ -10,7 +10,6 @@ ranks file.
 
 import base64
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
