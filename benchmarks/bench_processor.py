@@ -22,25 +22,19 @@ import av
 import numpy as np
 from PIL import Image
 
+from mlx_vlm_qwen3vl.builder.metadata import preprocessor_config, video_preprocessor_config
+from mlx_vlm_qwen3vl.builder.shapes import resolve
+
 IMAGE_SIZES = [(224, 224), (640, 480), (1280, 720), (1920, 1080), (4032, 3024)]
+# The real Qwen3-VL settings, from the checkpoint builder (one source of truth).
+_ARCH = resolve("2b")
 PREPROCESSOR_CONFIG = {
-    "size": {"shortest_edge": 65536, "longest_edge": 16777216},
-    "patch_size": 16,
-    "temporal_patch_size": 2,
-    "merge_size": 2,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
+    k: v for k, v in preprocessor_config(_ARCH).items() if k not in ("image_processor_type", "processor_class")
 }
 VIDEO_CONFIG = {
-    "size": {"shortest_edge": 4096, "longest_edge": 25165824},
-    "patch_size": 16,
-    "temporal_patch_size": 2,
-    "merge_size": 2,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
-    "fps": 2,
-    "min_frames": 4,
-    "max_frames": 768,
+    k: v
+    for k, v in video_preprocessor_config(_ARCH).items()
+    if k not in ("video_processor_type", "processor_class", "do_sample_frames")
 }
 
 
