@@ -1,7 +1,7 @@
 """Run at interpreter start by `mlx_vlm_qwen3vl_activate.pth`.
 
 mlx-vlm has no plugin API, so this installs a tiny import watcher: when (and
-only if) the process imports one of the host modules named in `host.PATCHES`,
+only if) the process imports one of the host modules named in `WATCHED`,
 the watcher lets the module run, then hands it to `host.patch` for the plugin
 hooks. Nothing else is imported here (measured in benchmarks/bench_import.py),
 and nothing here may raise: a broken plugin must never break `python`.

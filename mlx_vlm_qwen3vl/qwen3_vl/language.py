@@ -125,16 +125,12 @@ class Qwen3VLTextModel(nn.Module):
         cache=None,
         positions=None,
         deepstack_visual_embeds: Optional[mx.array] = None,
-        position_ids: Optional[mx.array] = None,
-        **kwargs,
     ) -> mx.array:
         """Hidden states after the final norm. `positions` is an offset or
-        the (cos, sin) of explicit position ids (or pass `position_ids`
-        [3, B, L]); `deepstack_visual_embeds` is [B, L, n, D], zero outside
-        visual tokens, added after layer i < n."""
+        the (cos, sin) of explicit position ids (`InterleavedMRoPE.angles`);
+        `deepstack_visual_embeds` is [B, L, n, D], zero outside visual tokens,
+        added after layer i < n."""
         h = self.embed_tokens(inputs) if inputs_embeds is None else inputs_embeds
-        if positions is None and position_ids is not None:
-            positions = self.layers[0].self_attn.rope.angles(position_ids)
         if cache is None:
             cache = [None] * len(self.layers)
         if mask is None:

@@ -40,6 +40,16 @@ def cpu_policy():
     return True, cpu_blas.loaded_library is not None
 
 
+def is_loadable_weight(name: str, parameter_names: set) -> bool:
+    """Is checkpoint key `name` a parameter of a module with these parameter
+    names? Scales and biases of a quantized weight count: they exist only
+    after the host's nn.quantize, which runs after sanitize."""
+    if name in parameter_names:
+        return True
+    stem, _, leaf = name.rpartition(".")
+    return leaf in ("scales", "biases") and f"{stem}.weight" in parameter_names
+
+
 def _rows(x: mx.array) -> int:
     return x.size // x.shape[-1] if x.ndim else 1
 

@@ -20,7 +20,7 @@ from mlx_vlm.models.base import InputEmbeddingsFeatures
 
 from .config import ModelConfig
 from .language import LanguageModel
-from .layers import vision_compute_dtype
+from .layers import is_loadable_weight, vision_compute_dtype
 from .vision import VisionModel
 
 
@@ -206,7 +206,7 @@ def _unknown_language_weights(language_model, weights: dict) -> list:
     return [
         key
         for key in weights
-        if key.startswith(prefix) and not VisionModel._is_loadable(key[len(prefix) :], names)
+        if key.startswith(prefix) and not is_loadable_weight(key[len(prefix) :], names)
     ]
 
 

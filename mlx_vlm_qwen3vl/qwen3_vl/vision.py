@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import VisionConfig
-from .layers import Linear
+from .layers import Linear, is_loadable_weight
 
 WEIGHT_PREFIX = "vision_tower."
 
@@ -367,18 +367,10 @@ class VisionModel(nn.Module):
             if found:
                 if name == "patch_embed.proj.weight":
                     value = self._conv_weight_to_mlx(value)
-                elif not self._is_loadable(name, names):
+                elif not is_loadable_weight(name, names):
                     continue
             sanitized[key] = value
         return sanitized
-
-    @staticmethod
-    def _is_loadable(name: str, names: set) -> bool:
-        if name in names:
-            return True
-        # Companions of a quantized weight exist only after nn.quantize.
-        stem, _, leaf = name.rpartition(".")
-        return leaf in ("scales", "biases") and f"{stem}.weight" in names
 
     def _conv_weight_to_mlx(self, weight: mx.array) -> mx.array:
         c = self.config
