@@ -25,6 +25,8 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 
+from .parallel import split_axis
+
 # Up to this many rows, float32 quantized_matmul beats dequantize + matmul.
 QUANTIZED_KERNEL_MAX_ROWS = 8
 
@@ -74,29 +76,54 @@ def _cpu_quantized(layer) -> bool:
 
 def _quantized_product(layer, x: mx.array) -> mx.array:
     """x @ W.T for a quantized W, in float32 unless dense bf16 is the fast way."""
-    scales, biases = layer["scales"], layer.get("biases")
+    weight, scales, biases = layer["weight"], layer["scales"], layer.get("biases")
+    kwargs = dict(group_size=layer.group_size, bits=layer.bits)
     if _rows(x) <= QUANTIZED_KERNEL_MAX_ROWS:
         f32 = mx.float32
-        return mx.quantized_matmul(
-            x.astype(f32),
-            layer["weight"],
-            scales=scales.astype(f32),
-            biases=None if biases is None else biases.astype(f32),
-            transpose=True,
-            group_size=layer.group_size,
-            bits=layer.bits,
+        x, scales = x.astype(f32), scales.astype(f32)
+        biases = None if biases is None else biases.astype(f32)
+
+        def product(rows, stream):
+            return mx.quantized_matmul(
+                x, weight[rows], scales[rows], None if biases is None else biases[rows],
+                transpose=True, **kwargs, stream=stream,
+            )
+
+        return split_axis(product, weight.shape[0])
+    upcast = _upcast(x)
+    dtype = mx.float32 if upcast else x.dtype
+    x = x.astype(dtype)
+
+    def product(rows, stream):
+        dense = mx.dequantize(
+            weight[rows], scales[rows], None if biases is None else biases[rows],
+            **kwargs, dtype=dtype, stream=stream,
         )
-    dtype = mx.float32 if _upcast(x) else x.dtype
-    weight = mx.dequantize(
-        layer["weight"], scales, biases, group_size=layer.group_size, bits=layer.bits, dtype=dtype
-    )
-    return x.astype(dtype) @ weight.T
+        return mx.matmul(x, dense.T, stream=stream)
+
+    if upcast:  # the fast BLAS runs on every core itself
+        return product(slice(None), None)
+    return split_axis(product, weight.shape[0])
+
+
+def _dense_product(x: mx.array, weight: mx.array, bias=None) -> mx.array:
+    """x @ W.T (+ bias), its output features split across the CPU's cores."""
+
+    def product(rows, stream):
+        if bias is None:
+            return mx.matmul(x, weight[rows].T, stream=stream)
+        return mx.addmm(bias[rows], x, weight[rows].T, stream=stream)
+
+    return split_axis(product, weight.shape[0])
 
 
 class Linear(nn.Linear):
     def __call__(self, x: mx.array) -> mx.array:
-        if not _upcast(x):
+        on_cpu, _ = cpu_policy()
+        if not on_cpu:
             return super().__call__(x)
+        if not _upcast(x):
+            return _dense_product(x, self.weight, self.get("bias"))
         out = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
         if "bias" in self:
             out = out + self.bias.astype(mx.float32)
@@ -119,6 +146,15 @@ class QuantizedLinear(nn.QuantizedLinear):
 
 
 class Embedding(nn.Embedding):
+    def as_linear(self, x: mx.array) -> mx.array:
+        """The tied output head: the largest product of every decode step."""
+        on_cpu, _ = cpu_policy()
+        if not on_cpu:
+            return super().as_linear(x)
+        if _upcast(x):
+            return (x.astype(mx.float32) @ self.weight.astype(mx.float32).T).astype(x.dtype)
+        return _dense_product(x, self.weight)
+
     def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
         if quantize_input:
             return super().to_quantized(group_size, bits, mode, quantize_input)

@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 
 from .config import VisionConfig
 from .layers import Linear, is_loadable_weight
+from .parallel import split_axis
 
 WEIGHT_PREFIX = "vision_tower."
 
@@ -153,9 +154,14 @@ class VisionAttention(nn.Module):
                 a = a[start:end].reshape(count, length, self.num_heads, self.head_dim)
                 return a.transpose(0, 2, 1, 3)
 
-            out = mx.fast.scaled_dot_product_attention(
-                batched(q), batched(k), batched(v), scale=self.scale
-            )
+            q_seg, k_seg, v_seg = batched(q), batched(k), batched(v)
+
+            def heads(part, stream):
+                return mx.fast.scaled_dot_product_attention(
+                    q_seg[:, part], k_seg[:, part], v_seg[:, part], scale=self.scale, stream=stream
+                )
+
+            out = split_axis(heads, self.num_heads, axis=1, min_slice=1)
             outputs.append(out.transpose(0, 2, 1, 3).reshape(end - start, -1))
             start = end
         out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs)
