@@ -29,6 +29,8 @@ from .parallel import split_axis
 
 # Up to this many rows, float32 quantized_matmul beats dequantize + matmul.
 QUANTIZED_KERNEL_MAX_ROWS = 8
+# Bound on a temporary dense copy of weight rows (dequantized or upcast).
+DENSE_SLICE_BYTES = 2 << 20
 
 
 @lru_cache(maxsize=None)
@@ -74,24 +76,49 @@ def _cpu_quantized(layer) -> bool:
     return on_cpu and layer.mode == "affine"
 
 
+def _goes_to_fast_blas(x: mx.array) -> bool:
+    """Would a dense matmul of x call the fast BLAS (which uses every core)?"""
+    return x.dtype == mx.float32 and _rows(x) > 1 and cpu_policy()[1]
+
+
+def _sliced_product(product, x: mx.array, out_features: int, temporary=None) -> mx.array:
+    """Runs `product(rows, stream)` (a dense matmul of x) over slices of the
+    output features: across the CPU's cores unless the fast BLAS runs it on
+    every core itself. When each slice builds a dense temporary copy of its
+    weight rows in dtype `temporary`, the slices are also cut small enough to
+    bound that copy (MLX's CPU dequantize needs ~5x its output)."""
+    parallel = not _goes_to_fast_blas(x)
+    parts = 1
+    if temporary is not None:
+        dense_bytes = out_features * x.shape[-1] * temporary.size
+        parts = -(-dense_bytes // DENSE_SLICE_BYTES)
+    return split_axis(product, out_features, parts=parts, parallel=parallel)
+
+
 def _quantized_product(layer, x: mx.array) -> mx.array:
     """x @ W.T for a quantized W, in float32 unless dense bf16 is the fast way."""
     weight, scales, biases = layer["weight"], layer["scales"], layer.get("biases")
     kwargs = dict(group_size=layer.group_size, bits=layer.bits)
+    # Only the products depend on x: without this the worker streams would
+    # dequantize (or upcast) every layer's weights ahead of the activations.
+    weight, scales = mx.depends([weight, scales], [x])
+    if biases is not None:
+        biases = mx.depends(biases, x)
+    out_features = weight.shape[0]
     if _rows(x) <= QUANTIZED_KERNEL_MAX_ROWS:
         f32 = mx.float32
-        x, scales = x.astype(f32), scales.astype(f32)
-        biases = None if biases is None else biases.astype(f32)
+        x = x.astype(f32)
 
         def product(rows, stream):
+            upcast = [None if a is None else a[rows].astype(f32, stream=stream) for a in (scales, biases)]
             return mx.quantized_matmul(
-                x, weight[rows], scales[rows], None if biases is None else biases[rows],
-                transpose=True, **kwargs, stream=stream,
+                x, weight[rows], *upcast, transpose=True, **kwargs, stream=stream
             )
 
-        return split_axis(product, weight.shape[0])
-    upcast = _upcast(x)
-    dtype = mx.float32 if upcast else x.dtype
+        # Slices also bound the float32 copies of scales and biases.
+        parts = -(-out_features * scales.shape[-1] * 8 // DENSE_SLICE_BYTES)
+        return split_axis(product, out_features, parts=parts)  # never a BLAS call
+    dtype = mx.float32 if _upcast(x) else x.dtype
     x = x.astype(dtype)
 
     def product(rows, stream):
@@ -101,20 +128,24 @@ def _quantized_product(layer, x: mx.array) -> mx.array:
         )
         return mx.matmul(x, dense.T, stream=stream)
 
-    if upcast:  # the fast BLAS runs on every core itself
-        return product(slice(None), None)
-    return split_axis(product, weight.shape[0])
+    return _sliced_product(product, x, out_features, temporary=dtype)
 
 
 def _dense_product(x: mx.array, weight: mx.array, bias=None) -> mx.array:
-    """x @ W.T (+ bias), its output features split across the CPU's cores."""
+    """x @ W.T (+ bias); in float32 through the fast BLAS when it pays."""
+    temporary = None
+    if _upcast(x):
+        temporary = mx.float32
+        weight, = mx.depends([weight], [x])
+        x = x.astype(temporary)
 
     def product(rows, stream):
+        w = weight[rows] if temporary is None else weight[rows].astype(temporary, stream=stream)
         if bias is None:
-            return mx.matmul(x, weight[rows].T, stream=stream)
-        return mx.addmm(bias[rows], x, weight[rows].T, stream=stream)
+            return mx.matmul(x, w.T, stream=stream)
+        return mx.addmm(bias[rows].astype(w.dtype), x, w.T, stream=stream)
 
-    return split_axis(product, weight.shape[0])
+    return _sliced_product(product, x, weight.shape[0], temporary)
 
 
 class Linear(nn.Linear):
@@ -122,12 +153,7 @@ class Linear(nn.Linear):
         on_cpu, _ = cpu_policy()
         if not on_cpu:
             return super().__call__(x)
-        if not _upcast(x):
-            return _dense_product(x, self.weight, self.get("bias"))
-        out = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
-        if "bias" in self:
-            out = out + self.bias.astype(mx.float32)
-        return out.astype(x.dtype)
+        return _dense_product(x, self.weight, self.get("bias")).astype(x.dtype)
 
     def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
         if quantize_input:
@@ -151,9 +177,7 @@ class Embedding(nn.Embedding):
         on_cpu, _ = cpu_policy()
         if not on_cpu:
             return super().as_linear(x)
-        if _upcast(x):
-            return (x.astype(mx.float32) @ self.weight.astype(mx.float32).T).astype(x.dtype)
-        return _dense_product(x, self.weight)
+        return _dense_product(x, self.weight).astype(x.dtype)
 
     def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
         if quantize_input:

@@ -67,15 +67,22 @@ def split_axis(
     size: int,
     axis: int = -1,
     min_slice: int = MIN_SLICE,
+    parts: int = 1,
+    parallel: bool = True,
 ) -> mx.array:
     """`compute(part, stream)` computes the slice `part` of an output axis of
-    length `size` on `stream`; the slices are joined along `axis`. Off the
-    CPU, with one worker, or when the axis is too short, this is
-    `compute(slice(None), None)`."""
+    length `size` on `stream`; the slices are joined along `axis`.
+
+    One slice per worker stream when `parallel` (and on the CPU), and at
+    least `parts` slices, taken by the streams in turn (each stream runs its
+    slices one after another). One slice is `compute(slice(None), None)`."""
     on_cpu = mx.default_device().type == mx.DeviceType.cpu
-    streams = worker_streams() if on_cpu else ()
-    parts = min(len(streams), size // min_slice)
-    if parts < 2:
+    streams = worker_streams() if parallel and on_cpu else ()
+    count = min(max(parts, len(streams)), size // min_slice)
+    if count < 2:
         return compute(slice(None), None)
-    outputs = [compute(part, stream) for part, stream in zip(slices(size, parts), streams)]
+    lanes = streams or (None,)
+    outputs = [
+        compute(part, lanes[i % len(lanes)]) for i, part in enumerate(slices(size, count))
+    ]
     return mx.concatenate(outputs, axis=axis)
