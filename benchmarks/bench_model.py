@@ -62,8 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     p.add_argument("--markdown", action="store_true", help="also print a README-ready markdown table")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="table from wall seconds (default) or process CPU seconds, which stay honest "
-                        "for single-threaded MLX when other processes share the cores")
+                   help="table from wall seconds (default) or process CPU seconds (work, not speed: "
+                        "the plugin and torch use several cores, the built-in one)")
     p.add_argument("--from-json", type=Path, default=None,
                    help="print the tables of an earlier --json file instead of measuring")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -57,8 +57,9 @@ def timed(fn, repeats):
 
 def summary(timing, work=None):
     """min/median wall seconds; with `work` (tokens), also tokens per second.
-    CPU seconds are kept too: MLX on a CPU is single-threaded, so they stay
-    honest when other processes share the cores."""
+    CPU seconds are kept too: for the single-threaded MLX backends (built-in,
+    plugin with MLX_VLM_QWEN3VL_THREADS=1) they stay honest when other
+    processes share the cores."""
     walls, cpus = timing
     out = {"times": walls, "cpu_times": cpus, "min_s": min(walls), "median_s": statistics.median(walls)}
     if work is not None:
@@ -289,7 +290,8 @@ def run(spec, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
         "lm_bytes_per_token": backend.lm_bytes_per_token(),
         "memory": backend.memory(),
         "wall_s": time.perf_counter() - start,
-        # CPU seconds per wall second: ~1 for single-threaded MLX, up to the thread count for
+        # CPU seconds per wall second: ~1 for the single-threaded built-in, up to the core count
+        # for the plugin (products split across cores) and up to the thread count for
         # torch; a low value with a high load average means another process took the cores.
         "cpu_s": usage.ru_utime + usage.ru_stime,
         "loadavg_1min": os.getloadavg()[0],

@@ -16,6 +16,10 @@ the same arithmetic is much faster in another form:
   the vision tower then runs wholly in float32 (`vision_compute_dtype`).
   Single rows keep their kernel: upcasting a matrix-vector product costs more
   than it saves.
+- MLX's CPU kernels use one thread: every product not handed to the fast
+  BLAS runs its output features in slices, one stream per core
+  (parallel.py; bit-identical). Dense temporaries (dequantized or upcast
+  weight rows) come in bounded slices.
 
 Every result is cast back to the input's dtype.
 """
@@ -30,7 +34,7 @@ from .parallel import split_axis
 # Up to this many rows, float32 quantized_matmul beats dequantize + matmul.
 QUANTIZED_KERNEL_MAX_ROWS = 8
 # Bound on a temporary dense copy of weight rows (dequantized or upcast).
-DENSE_SLICE_BYTES = 2 << 20
+DENSE_SLICE_BYTES = 1 << 20
 
 
 @lru_cache(maxsize=None)
