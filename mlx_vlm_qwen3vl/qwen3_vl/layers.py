@@ -33,8 +33,8 @@ from .parallel import split_axis
 
 # Up to this many rows, float32 quantized_matmul beats dequantize + matmul.
 QUANTIZED_KERNEL_MAX_ROWS = 8
-# Bound on a temporary dense copy of weight rows (dequantized or upcast).
-DENSE_SLICE_BYTES = 1 << 20
+# Bound on the temporaries of one slice of a product (see _sliced_product).
+TEMPORARY_SLICE_BYTES = 1 << 20
 
 
 @lru_cache(maxsize=None)
@@ -85,17 +85,13 @@ def _goes_to_fast_blas(x: mx.array) -> bool:
     return x.dtype == mx.float32 and _rows(x) > 1 and cpu_policy()[1]
 
 
-def _sliced_product(product, x: mx.array, out_features: int, temporary=None) -> mx.array:
-    """Runs `product(rows, stream)` (a dense matmul of x) over slices of the
-    output features: across the CPU's cores unless the fast BLAS runs it on
-    every core itself. When each slice builds a dense temporary copy of its
-    weight rows in dtype `temporary`, the slices are also cut small enough to
-    bound that copy (MLX's CPU dequantize needs ~5x its output)."""
-    parallel = not _goes_to_fast_blas(x)
-    parts = 1
-    if temporary is not None:
-        dense_bytes = out_features * x.shape[-1] * temporary.size
-        parts = -(-dense_bytes // DENSE_SLICE_BYTES)
+def _sliced_product(product, out_features: int, temporary_row_bytes: int, parallel: bool):
+    """Runs `product(rows, stream)` over slices of the output features:
+    one per core when `parallel`, and small enough that the temporaries a
+    slice builds (`temporary_row_bytes` per output feature: dequantized or
+    upcast weight rows, float32 scales) stay under TEMPORARY_SLICE_BYTES.
+    MLX's CPU dequantize needs ~5x its output."""
+    parts = -(-out_features * temporary_row_bytes // TEMPORARY_SLICE_BYTES)
     return split_axis(product, out_features, parts=parts, parallel=parallel)
 
 
@@ -119,9 +115,8 @@ def _quantized_product(layer, x: mx.array) -> mx.array:
                 x, weight[rows], *upcast, transpose=True, **kwargs, stream=stream
             )
 
-        # Slices also bound the float32 copies of scales and biases.
-        parts = -(-out_features * scales.shape[-1] * 8 // DENSE_SLICE_BYTES)
-        return split_axis(product, out_features, parts=parts)  # never a BLAS call
+        scale_bytes = 2 * scales.shape[-1] * f32.size
+        return _sliced_product(product, out_features, scale_bytes, parallel=True)
     dtype = mx.float32 if _upcast(x) else x.dtype
     x = x.astype(dtype)
 
@@ -132,24 +127,25 @@ def _quantized_product(layer, x: mx.array) -> mx.array:
         )
         return mx.matmul(x, dense.T, stream=stream)
 
-    return _sliced_product(product, x, out_features, temporary=dtype)
+    dense_bytes = x.shape[-1] * dtype.size
+    return _sliced_product(product, out_features, dense_bytes, not _goes_to_fast_blas(x))
 
 
 def _dense_product(x: mx.array, weight: mx.array, bias=None) -> mx.array:
     """x @ W.T (+ bias); in float32 through the fast BLAS when it pays."""
-    temporary = None
-    if _upcast(x):
-        temporary = mx.float32
+    upcast = _upcast(x)
+    if upcast:
         weight, = mx.depends([weight], [x])
-        x = x.astype(temporary)
+        x = x.astype(mx.float32)
 
     def product(rows, stream):
-        w = weight[rows] if temporary is None else weight[rows].astype(temporary, stream=stream)
+        w = weight[rows].astype(x.dtype, stream=stream) if upcast else weight[rows]
         if bias is None:
             return mx.matmul(x, w.T, stream=stream)
         return mx.addmm(bias[rows].astype(w.dtype), x, w.T, stream=stream)
 
-    return _sliced_product(product, x, weight.shape[0], temporary)
+    temporary_bytes = x.shape[-1] * x.dtype.size if upcast else 0
+    return _sliced_product(product, weight.shape[0], temporary_bytes, not _goes_to_fast_blas(x))
 
 
 class Linear(nn.Linear):
