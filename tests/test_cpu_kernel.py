@@ -1,0 +1,189 @@
+"""The native CPU kernel for quantized decode (cpu_kernel.py, csrc/quantized_matvec.cpp).
+
+Both builds are tested on every machine: `native` (the AVX-512 BF16 path where
+the CPU has it) and `generic` (the portable loops every other CPU runs).
+"""
+
+import warnings
+
+import mlx.core as mx
+import pytest
+
+from mlx_vlm_qwen3vl import cpu_kernel
+from mlx_vlm_qwen3vl.qwen3_vl import layers
+
+
+@pytest.fixture(scope="module", params=["native", "generic"])
+def kernel(request):
+    return cpu_kernel.load_variant(request.param)
+
+
+def quantized(out_features, in_features, bits, group_size, scale_dtype=mx.bfloat16, seed=0):
+    w = mx.random.normal((out_features, in_features), key=mx.random.key(seed))
+    q, s, b = mx.quantize(w.astype(mx.bfloat16), group_size=group_size, bits=bits)
+    return q, s.astype(scale_dtype), b.astype(scale_dtype)
+
+
+def exact_product(x, q, s, b, group_size, bits):
+    """x @ W.T with W dequantized in float32 and the sums in float64-free float32 matmul."""
+    f32 = mx.float32
+    w = mx.dequantize(q, s.astype(f32), b.astype(f32), group_size=group_size, bits=bits, dtype=f32)
+    return x.astype(f32) @ w.T
+
+
+def max_rel(a, b):
+    return (mx.abs(a - b).max() / mx.abs(b).max()).item()
+
+
+def test_the_native_build_takes_the_fast_path_where_the_cpu_has_it():
+    module = cpu_kernel.load()
+    assert module is not None
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    has_avx512_bf16 = all(f" {flag}" in flags for flag in ("avx512f", "avx512bw", "avx512_bf16"))
+    assert module.kernel_name() == ("avx512-bf16" if has_avx512_bf16 else "generic")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_products_equal_the_dequantized_float32_product(kernel, bits, rows, group_size):
+    q, s, b = quantized(200, 512, bits, group_size, seed=rows)
+    x = mx.random.normal((rows, 512), key=mx.random.key(100 + rows)).astype(mx.bfloat16)
+    got = kernel.quantized_matvec(x, q, s, b, group_size, bits)
+    assert got.dtype == mx.float32 and got.shape == (rows, 200)
+    # Only the order of the float32 sums differs.
+    assert max_rel(got, exact_product(x, q, s, b, group_size, bits)) < 2e-6
+
+
+@pytest.mark.parametrize("x_dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("scale_dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_every_float_dtype_of_activations_and_scales(kernel, x_dtype, scale_dtype):
+    q, s, b = quantized(96, 256, 4, 64, scale_dtype)
+    x = mx.random.normal((3, 256), key=mx.random.key(7)).astype(x_dtype)
+    got = kernel.quantized_matvec(x, q, s, b, 64, 4)
+    assert max_rel(got, exact_product(x, q, s, b, 64, 4)) < 2e-6
+
+
+def test_leading_axes_are_kept(kernel):
+    q, s, b = quantized(64, 128, 4, 64)
+    x = mx.random.normal((2, 3, 128), key=mx.random.key(1)).astype(mx.bfloat16)
+    got = kernel.quantized_matvec(x, q, s, b, 64, 4)
+    assert got.shape == (2, 3, 64)
+    assert max_rel(got, exact_product(x, q, s, b, 64, 4)) < 2e-6
+
+
+def test_row_slices_of_larger_weights_are_read_in_place(kernel):
+    """The model passes slices of a layer's rows (one per core); they must
+    neither be copied nor misread."""
+    q, s, b = quantized(300, 256, 4, 64)
+    x = mx.random.normal((1, 256), key=mx.random.key(2)).astype(mx.bfloat16)
+    whole = kernel.quantized_matvec(x, q, s, b, 64, 4)
+    part = kernel.quantized_matvec(x, q[100:250], s[100:250], b[100:250], 64, 4)
+    assert mx.array_equal(part, whole[:, 100:250])
+    # A non-contiguous activation is made contiguous first.
+    wide = mx.random.normal((3, 512), key=mx.random.key(3)).astype(mx.bfloat16)
+    strided = wide[:, ::2]
+    assert mx.array_equal(kernel.quantized_matvec(strided, q, s, b, 64, 4),
+                          kernel.quantized_matvec(mx.array(strided), q, s, b, 64, 4))
+
+
+def test_the_kernel_runs_on_worker_streams_bit_identically(kernel):
+    q, s, b = quantized(256, 256, 4, 64)
+    x = mx.random.normal((2, 256), key=mx.random.key(4)).astype(mx.bfloat16)
+    whole = kernel.quantized_matvec(x, q, s, b, 64, 4)
+    streams = [mx.new_thread_local_stream(mx.cpu) for _ in range(2)]
+    halves = [kernel.quantized_matvec(x, q[i * 128:(i + 1) * 128], s[i * 128:(i + 1) * 128],
+                                      b[i * 128:(i + 1) * 128], 64, 4, stream=streams[i])
+              for i in range(2)]
+    assert mx.array_equal(mx.concatenate(halves, axis=-1), whole)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda k, x, q, s, b: k.quantized_matvec(x, q, s, b, 64, 3), "bits must be 4 or 8"),
+    (lambda k, x, q, s, b: k.quantized_matvec(mx.zeros((9, 256), mx.bfloat16), q, s, b, 64, 4), "at most 8 rows"),
+    (lambda k, x, q, s, b: k.quantized_matvec(x[:, :128], q, s, b, 64, 4), "disagree"),
+    (lambda k, x, q, s, b: k.quantized_matvec(x, q, s, b, 32, 4), "disagree"),
+    (lambda k, x, q, s, b: k.quantized_matvec(x.astype(mx.int32), q, s, b, 64, 4), "floating point"),
+    (lambda k, x, q, s, b: k.quantized_matvec(x, q, s, b[:, :2], 64, 4), "expected x"),
+])
+def test_bad_arguments_get_a_clear_error(kernel, call, message):
+    q, s, b = quantized(32, 256, 4, 64)
+    x = mx.ones((1, 256), mx.bfloat16)
+    with pytest.raises(ValueError, match=message):
+        call(kernel, x, q, s, b)
+
+
+def test_transposed_weight_rows_are_refused_at_evaluation(kernel):
+    q, s, b = quantized(64, 256, 8, 64)
+    x = mx.ones((1, 256), mx.bfloat16)
+    square = mx.ones((64, 64), mx.uint32)
+    with pytest.raises(ValueError, match="rows of w, scales and biases must be contiguous"):
+        mx.eval(kernel.quantized_matvec(x, square.T, s, b, 64, 8))
+
+
+def test_quantized_layers_use_the_kernel_for_few_rows(monkeypatch):
+    calls = []
+    module = cpu_kernel.load()
+    real = module.quantized_matvec
+
+    class Recording:
+        def quantized_matvec(self, *args, **kwargs):
+            calls.append(args[0].shape)
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "cpu_policy", lambda: (True, False))
+    monkeypatch.setattr(cpu_kernel, "load", lambda: Recording())
+    layer = layers.Linear(256, 128).to_quantized(group_size=64, bits=4)
+    mx.eval(layer(mx.ones((1, 1, 256), mx.bfloat16)))
+    assert calls, "a decode-shaped product did not reach the kernel"
+    calls.clear()
+    mx.eval(layer(mx.ones((1, 16, 256), mx.bfloat16)))  # prefill: dequantize + matmul
+    assert not calls
+
+
+def test_turned_off_the_layers_keep_mlx_kernels(monkeypatch):
+    monkeypatch.setenv(cpu_kernel.ENV_VAR, "0")
+    cpu_kernel.load.cache_clear()
+    try:
+        assert cpu_kernel.load() is None
+        monkeypatch.setattr(layers, "cpu_policy", lambda: (True, False))
+        layer = layers.Linear(256, 128).to_quantized(group_size=64, bits=4)
+        x = mx.random.normal((1, 1, 256), key=mx.random.key(5)).astype(mx.bfloat16)
+        off = layer(x)
+        monkeypatch.delenv(cpu_kernel.ENV_VAR)
+        cpu_kernel.load.cache_clear()
+        on = layer(x)
+        assert max_rel(on.astype(mx.float32), off.astype(mx.float32)) < 1e-2  # bf16 outputs
+    finally:
+        cpu_kernel.load.cache_clear()
+
+
+def test_bad_setting_names_the_variable(monkeypatch):
+    monkeypatch.setenv(cpu_kernel.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match=cpu_kernel.ENV_VAR):
+        cpu_kernel.setting()
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: "/bin/false")
+    cpu_kernel.load.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert cpu_kernel.load() is None
+            assert cpu_kernel.load() is None  # cached: no second build, no second warning
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == 1
+        assert "compiling failed" in messages[0] and cpu_kernel.ENV_VAR in messages[0]
+        assert not list(tmp_path.rglob("*.so"))
+    finally:
+        cpu_kernel.load.cache_clear()
+
+
+def test_no_compiler_is_named(monkeypatch):
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(cpu_kernel.KernelUnavailable, match=r"no C\+\+ compiler"):
+        cpu_kernel._compiler()
