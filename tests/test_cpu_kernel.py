@@ -99,6 +99,30 @@ def test_the_kernel_runs_on_worker_streams_bit_identically(kernel):
     assert mx.array_equal(mx.concatenate(halves, axis=-1), whole)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_threads_split_the_rows_bit_identically(kernel, threads):
+    q, s, b = quantized(1000, 256, 4, 64)
+    x = mx.random.normal((3, 256), key=mx.random.key(6)).astype(mx.bfloat16)
+    one = kernel.quantized_matvec(x, q, s, b, 64, 4)
+    assert mx.array_equal(kernel.quantized_matvec(x, q, s, b, 64, 4, threads=threads), one)
+    # Several products at once from several Python threads share the pool.
+    import threading
+
+    results = [None] * 4
+
+    def run(i):
+        stream = mx.new_thread_local_stream(mx.cpu)
+        results[i] = kernel.quantized_matvec(x, q, s, b, 64, 4, threads=threads, stream=stream)
+        mx.eval(results[i])
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=60)
+    assert all(r is not None and mx.array_equal(r, one) for r in results)
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda k, x, q, s, b: k.quantized_matvec(x, q, s, b, 64, 3), "bits must be 4 or 8"),
     (lambda k, x, q, s, b: k.quantized_matvec(mx.zeros((9, 256), mx.bfloat16), q, s, b, 64, 4), "at most 8 rows"),
@@ -106,6 +130,8 @@ def test_the_kernel_runs_on_worker_streams_bit_identically(kernel):
     (lambda k, x, q, s, b: k.quantized_matvec(x, q, s, b, 32, 4), "disagree"),
     (lambda k, x, q, s, b: k.quantized_matvec(x.astype(mx.int32), q, s, b, 64, 4), "floating point"),
     (lambda k, x, q, s, b: k.quantized_matvec(x, q, s, b[:, :2], 64, 4), "expected x"),
+    (lambda k, x, q, s, b: k.quantized_matvec(x, q, s, b, 64, 4, start=20, stop=10), "start < stop"),
+    (lambda k, x, q, s, b: k.quantized_matvec(x, q, s, b, 64, 4, threads=0), "threads must be"),
 ])
 def test_bad_arguments_get_a_clear_error(kernel, call, message):
     q, s, b = quantized(32, 256, 4, 64)

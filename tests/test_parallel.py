@@ -72,7 +72,10 @@ def test_quantized_products_split_across_workers_are_bit_identical(workers, rows
     single = products(dense, head, x)
     made = workers(2)
     split = products(dense, head, x)
-    assert made and all(parts >= 2 for parts in made)
+    if rows <= layers.QUANTIZED_KERNEL_MAX_ROWS:
+        assert made == []  # the native kernel splits its rows over the cores itself
+    else:
+        assert made and all(parts >= 2 for parts in made)
     for a, b in zip(single, split):
         assert mx.array_equal(a, b)
 

@@ -13,6 +13,11 @@
 // the order of the float32 sums.
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -79,7 +84,8 @@ struct Problem {
   const float* x;           // [rows, in_features]
   const uint16_t* x_bf16;   // same, when the activations are bfloat16
   const float* x_group_sums;  // [rows, groups]
-  float* out;               // [rows, out_features]
+  float* out;               // [rows, out_stride]: this part's first column
+  int out_stride;
   int groups() const { return in_features / group_size; }
 };
 
@@ -108,7 +114,7 @@ void matvec_generic(const Problem& p) {
         acc[m] += s * dot + b * p.x_group_sums[m * groups + g];
       }
     }
-    for (int m = 0; m < p.rows; ++m) p.out[size_t(m) * p.out_features + n] = acc[m];
+    for (int m = 0; m < p.rows; ++m) p.out[size_t(m) * p.out_stride + n] = acc[m];
   }
 }
 
@@ -226,7 +232,7 @@ void matvec_avx512_bf16(const Problem& p, const uint16_t* x) {
     if (g < groups) add_group(g, even);
     const T* biases = biases_base + row * biases_stride;
     for (int m = 0; m < ROWS; ++m)
-      p.out[size_t(m) * out_features + n] =
+      p.out[size_t(m) * p.out_stride + n] =
           _mm512_reduce_add_ps(_mm512_add_ps(even[m], odd[m])) +
           bias_term(biases, p.x_group_sums + m * groups, groups);
   }
@@ -278,7 +284,74 @@ void dispatch_bits_and_scales(const Problem& p) {
 }
 #endif
 
-void matvec(const Problem& p) {
+// A few threads that take parts of one product. MLX runs a stream's work on
+// one thread and syncs streams with events; splitting each product over
+// streams costs more in those syncs than a decode-sized product takes.
+class WorkerPool {
+ public:
+  static WorkerPool& get() {
+    static WorkerPool* pool = new WorkerPool();  // never destroyed: workers outlive exit
+    return *pool;
+  }
+
+  // Runs task(0) .. task(parts - 1), task(0) on the calling thread.
+  void run(int parts, const std::function<void(int)>& task) {
+    std::lock_guard<std::mutex> one_job_at_a_time(run_mutex_);
+    grow(parts - 1);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      task_ = &task;
+      parts_ = parts;
+      pending_.store(parts - 1);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    task(0);
+    while (pending_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
+  }
+
+ private:
+  void grow(int workers) {
+    while (int(threads_.size()) < workers) {
+      int index = int(threads_.size()) + 1;
+      threads_.emplace_back([this, index] { work(index); });
+      threads_.back().detach();
+    }
+  }
+
+  void work(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* task;
+      int parts;
+      // Spin a little before sleeping: decode issues products back to back.
+      for (int spin = 0; spin < kSpins && generation_.load(std::memory_order_acquire) == seen; ++spin)
+        std::this_thread::yield();
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_.load() != seen; });
+        seen = generation_.load();
+        task = task_;
+        parts = parts_;
+      }
+      if (index < parts) {
+        (*task)(index);
+        pending_.fetch_sub(1, std::memory_order_release);
+      }
+    }
+  }
+
+  std::mutex run_mutex_, mutex_;
+  std::condition_variable wake_;
+  std::vector<std::thread> threads_;
+  const std::function<void(int)>* task_ = nullptr;
+  int parts_ = 0;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  static constexpr int kSpins = 4000;
+};
+
+void matvec_part(const Problem& p) {
 #ifdef QMV_AVX512_BF16
   const bool fast = p.x_bf16 && p.group_size % (p.bits == 4 ? 64 : 32) == 0 &&
                     p.scales->dtype() == p.biases->dtype();
@@ -287,10 +360,27 @@ void matvec(const Problem& p) {
   matvec_generic(p);
 }
 
+// Whole blocks of output features to each of `threads` threads.
+void matvec(const Problem& p, int threads) {
+  constexpr int kMinPart = 64;
+  const int parts = std::max(1, std::min(threads, p.out_features / kMinPart));
+  if (parts == 1) return matvec_part(p);
+  WorkerPool::get().run(parts, [&](int i) {
+    const int begin = int(int64_t(p.out_features) * i / parts);
+    const int end = int(int64_t(p.out_features) * (i + 1) / parts);
+    Problem part = p;
+    part.first_row += begin;
+    part.out_features = end - begin;
+    part.out += begin;
+    matvec_part(part);
+  });
+}
+
 class QuantizedMatvec : public mx::UnaryPrimitive {
  public:
-  QuantizedMatvec(mx::Stream stream, int group_size, int bits, int start)
-      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits), start_(start) {}
+  QuantizedMatvec(mx::Stream stream, int group_size, int bits, int start, int threads)
+      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits), start_(start),
+        threads_(threads) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     for (int i = 1; i < 4; ++i)
@@ -306,7 +396,8 @@ class QuantizedMatvec : public mx::UnaryPrimitive {
                       s = mx::array::unsafe_weak_copy(inputs[2]),
                       b = mx::array::unsafe_weak_copy(inputs[3]),
                       out = mx::array::unsafe_weak_copy(out),
-                      group_size = group_size_, bits = bits_, start = start_]() mutable {
+                      group_size = group_size_, bits = bits_, start = start_,
+                      threads = threads_]() mutable {
       const int in_features = x.shape(-1);
       const int rows = x.size() / in_features;
       const int groups = in_features / group_size;
@@ -320,8 +411,8 @@ class QuantizedMatvec : public mx::UnaryPrimitive {
       Problem p{rows, in_features, int(out.shape(-1)), group_size, bits, start,
                 w.data<uint8_t>(), size_t(w.strides(0)) * w.itemsize(), &s, &b, xf.data(),
                 x.dtype() == mx::bfloat16 ? x.data<uint16_t>() : nullptr,
-                sums.data(), out.data<float>()};
-      matvec(p);
+                sums.data(), out.data<float>(), int(out.shape(-1))};
+      matvec(p, threads);
     });
   }
 
@@ -333,16 +424,18 @@ class QuantizedMatvec : public mx::UnaryPrimitive {
 
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const QuantizedMatvec&>(other);
-    return group_size_ == o.group_size_ && bits_ == o.bits_ && start_ == o.start_;
+    return group_size_ == o.group_size_ && bits_ == o.bits_ && start_ == o.start_ &&
+           threads_ == o.threads_;
   }
 
  private:
-  int group_size_, bits_, start_;
+  int group_size_, bits_, start_, threads_;
 };
 
 mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::array& scales,
                            const mx::array& biases, int group_size, int bits,
-                           int start, std::optional<int> stop, mx::StreamOrDevice s) {
+                           int start, std::optional<int> stop, int threads,
+                           mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
   if (stream.device != mx::Device::cpu)
     throw std::invalid_argument("quantized_matvec: a CPU stream is required");
@@ -360,6 +453,8 @@ mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::arr
       group_size <= 0 || in_features % group_size != 0 ||
       scales.shape(0) != w.shape(0) || scales.shape(1) != in_features / group_size)
     throw std::invalid_argument("quantized_matvec: shapes of x, w, scales, biases disagree");
+  if (threads < 1 || threads > 256)
+    throw std::invalid_argument("quantized_matvec: threads must be between 1 and 256");
   if (rows > kMaxRows)
     throw std::invalid_argument("quantized_matvec: at most 8 rows");
   const int end = stop.value_or(w.shape(0));
@@ -370,7 +465,7 @@ mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::arr
   // No `contiguous` for the weights: it copies a row slice of a larger buffer.
   std::vector<mx::array> inputs = {mx::contiguous(x, false, stream), w, scales, biases};
   return mx::array(out_shape, mx::float32,
-                   std::make_shared<QuantizedMatvec>(stream, group_size, bits, start),
+                   std::make_shared<QuantizedMatvec>(stream, group_size, bits, start, threads),
                    std::move(inputs));
 }
 
@@ -387,8 +482,9 @@ const char* kernel_name() {
 NB_MODULE(_quantized_matvec, m) {
   m.doc() = "A CPU kernel for few-row products with affine-quantized weights.";
   m.def("quantized_matvec", &quantized_matvec, "x"_a, "w"_a, "scales"_a, "biases"_a,
-        "group_size"_a, "bits"_a, nb::kw_only(), "start"_a = 0, "stop"_a = nb::none(),
+        "group_size"_a, "bits"_a, nb::kw_only(), "start"_a = 0, "stop"_a = nb::none(), "threads"_a = 1,
         "stream"_a = nb::none(),
-        "x @ dequantize(w, scales, biases)[start:stop].T in float32, for at most 8 rows of x.");
+        "x @ dequantize(w, scales, biases)[start:stop].T in float32, for at most 8 rows of x,\n"
+        "on `threads` threads (the caller's and a shared pool's).");
   m.def("kernel_name", &kernel_name, "Which code path this build runs.");
 }

@@ -31,7 +31,7 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 
-from .parallel import split_axis
+from .parallel import split_axis, worker_streams
 
 # Up to this many rows, float32 quantized_matmul beats dequantize + matmul.
 QUANTIZED_KERNEL_MAX_ROWS = 8
@@ -113,14 +113,10 @@ def _quantized_product(layer, x: mx.array) -> mx.array:
     out_features = weight.shape[0]
     kernel = _native_kernel(layer, x) if _rows(x) <= QUANTIZED_KERNEL_MAX_ROWS else None
     if kernel is not None:
-        # Each core's call reads its range of rows in place: no slices, no temporaries.
-        def product(rows, stream):
-            return kernel.quantized_matvec(
-                x, weight, scales, biases, **kwargs,
-                start=rows.start or 0, stop=rows.stop, stream=stream,
-            )
-
-        return _sliced_product(product, out_features, 0, parallel=True)
+        # The kernel splits the rows over the cores itself: syncing worker
+        # streams would cost more than a decode-sized product takes.
+        threads = max(1, len(worker_streams()))
+        return kernel.quantized_matvec(x, weight, scales, biases, **kwargs, threads=threads)
     # Only the products depend on x: without this the worker streams would
     # dequantize (or upcast) every layer's weights ahead of the activations.
     weight, scales = mx.depends([weight, scales], [x])
