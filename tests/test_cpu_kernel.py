@@ -65,6 +65,18 @@ def test_every_float_dtype_of_activations_and_scales(kernel, x_dtype, scale_dtyp
     assert max_rel(got, exact_product(x, q, s, b, 64, 4)) < 2e-6
 
 
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_results_in_another_dtype_are_rounded_as_astype_rounds(kernel, dtype):
+    q, s, b = quantized(160, 256, 4, 64)
+    x = mx.random.normal((2, 256), key=mx.random.key(8)).astype(mx.bfloat16)
+    f32 = kernel.quantized_matvec(x, q, s, b, 64, 4)
+    got = kernel.quantized_matvec(x, q, s, b, 64, 4, dtype=dtype)
+    assert got.dtype == dtype
+    assert mx.array_equal(got, f32.astype(dtype))
+    with pytest.raises(ValueError, match="dtype must be"):
+        kernel.quantized_matvec(x, q, s, b, 64, 4, dtype=mx.int32)
+
+
 def test_leading_axes_are_kept(kernel):
     q, s, b = quantized(64, 128, 4, 64)
     x = mx.random.normal((2, 3, 128), key=mx.random.key(1)).astype(mx.bfloat16)
@@ -81,11 +93,12 @@ def test_row_slices_of_larger_weights_are_read_in_place(kernel):
     whole = kernel.quantized_matvec(x, q, s, b, 64, 4)
     part = kernel.quantized_matvec(x, q[100:250], s[100:250], b[100:250], 64, 4)
     assert mx.array_equal(part, whole[:, 100:250])
-    # A non-contiguous activation is made contiguous first.
-    wide = mx.random.normal((3, 512), key=mx.random.key(3)).astype(mx.bfloat16)
-    strided = wide[:, ::2]
-    assert mx.array_equal(kernel.quantized_matvec(strided, q, s, b, 64, 4),
-                          kernel.quantized_matvec(mx.array(strided), q, s, b, 64, 4))
+    # Strided activations are gathered: the same result as a contiguous copy.
+    wide = mx.random.normal((3, 2, 512), key=mx.random.key(3)).astype(mx.bfloat16)
+    for strided in (wide[:, 0, ::2], wide[:, :, :256].transpose(1, 0, 2), wide[:, 1, 256:]):
+        copy = mx.array(strided.tolist(), dtype=mx.bfloat16)
+        assert mx.array_equal(kernel.quantized_matvec(strided, q, s, b, 64, 4),
+                              kernel.quantized_matvec(copy, q, s, b, 64, 4))
 
 
 def test_the_kernel_runs_on_worker_streams_bit_identically(kernel):

@@ -54,21 +54,51 @@ float bf16_to_float(uint16_t v) {
 }
 
 // Scales, biases and activations arrive as float32, float16 or bfloat16:
-// `count` of them from element `start` of `a`, as float32.
-void load_floats(const mx::array& a, size_t start, size_t count, float* out) {
-  switch (a.dtype()) {
+// `count` of them from element `start` of `data`, as float32.
+void load_floats(const void* data, mx::Dtype dtype, size_t start, size_t count, float* out) {
+  switch (dtype) {
     case mx::float32:
-      std::memcpy(out, a.data<float>() + start, count * sizeof(float));
+      std::memcpy(out, static_cast<const float*>(data) + start, count * sizeof(float));
       break;
     case mx::bfloat16: {
-      auto p = a.data<uint16_t>() + start;
+      auto p = static_cast<const uint16_t*>(data) + start;
       for (size_t i = 0; i < count; ++i) out[i] = bf16_to_float(p[i]);
       break;
     }
     default: {
-      auto p = a.data<mx::float16_t>() + start;
+      auto p = static_cast<const mx::float16_t*>(data) + start;
       for (size_t i = 0; i < count; ++i) out[i] = static_cast<float>(p[i]);
     }
+  }
+}
+
+void load_floats(const mx::array& a, size_t start, size_t count, float* out) {
+  load_floats(a.data<void>(), a.dtype(), start, count, out);
+}
+
+// The elements of a strided array in row-major order (raw bytes).
+std::vector<char> gather(const mx::array& a) {
+  const size_t item = a.itemsize();
+  std::vector<char> out(a.size() * item);
+  const char* base = a.data<char>();
+  std::vector<int64_t> index(a.ndim(), 0);
+  for (size_t i = 0; i < a.size(); ++i) {
+    int64_t offset = 0;
+    for (int d = 0; d < int(a.ndim()); ++d) offset += index[d] * a.strides(d);
+    std::memcpy(out.data() + i * item, base + offset * int64_t(item), item);
+    for (int d = int(a.ndim()) - 1; d >= 0 && ++index[d] == a.shape(d); --d) index[d] = 0;
+  }
+  return out;
+}
+
+// float32 results into an output of another float dtype, rounded as astype does.
+void store_as(const float* values, size_t count, mx::array& out) {
+  if (out.dtype() == mx::bfloat16) {
+    auto p = out.data<mx::bfloat16_t>();
+    for (size_t i = 0; i < count; ++i) p[i] = mx::bfloat16_t(values[i]);
+  } else {
+    auto p = out.data<mx::float16_t>();
+    for (size_t i = 0; i < count; ++i) p[i] = mx::float16_t(values[i]);
   }
 }
 
@@ -401,18 +431,31 @@ class QuantizedMatvec : public mx::UnaryPrimitive {
       const int in_features = x.shape(-1);
       const int rows = x.size() / in_features;
       const int groups = in_features / group_size;
+      std::vector<char> x_copy;  // when x is a strided view
+      const void* x_data = x.data<void>();
+      if (!x.flags().row_contiguous) {
+        x_copy = gather(x);
+        x_data = x_copy.data();
+      }
       std::vector<float> xf(x.size());
-      load_floats(x, 0, x.size(), xf.data());
+      load_floats(x_data, x.dtype(), 0, x.size(), xf.data());
       std::vector<float> sums(size_t(rows) * groups, 0.f);
       for (int m = 0; m < rows; ++m)
         for (int g = 0; g < groups; ++g)
           for (int i = 0; i < group_size; ++i)
             sums[m * groups + g] += xf[size_t(m) * in_features + g * group_size + i];
+      std::vector<float> out_f32;
+      float* results = out.data<float>();
+      if (out.dtype() != mx::float32) {
+        out_f32.resize(out.size());
+        results = out_f32.data();
+      }
       Problem p{rows, in_features, int(out.shape(-1)), group_size, bits, start,
                 w.data<uint8_t>(), size_t(w.strides(0)) * w.itemsize(), &s, &b, xf.data(),
-                x.dtype() == mx::bfloat16 ? x.data<uint16_t>() : nullptr,
-                sums.data(), out.data<float>(), int(out.shape(-1))};
+                x.dtype() == mx::bfloat16 ? static_cast<const uint16_t*>(x_data) : nullptr,
+                sums.data(), results, int(out.shape(-1))};
       matvec(p, threads);
+      if (out.dtype() != mx::float32) store_as(results, out.size(), out);
     });
   }
 
@@ -435,7 +478,7 @@ class QuantizedMatvec : public mx::UnaryPrimitive {
 mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::array& scales,
                            const mx::array& biases, int group_size, int bits,
                            int start, std::optional<int> stop, int threads,
-                           mx::StreamOrDevice s) {
+                           std::optional<mx::Dtype> dtype, mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
   if (stream.device != mx::Device::cpu)
     throw std::invalid_argument("quantized_matvec: a CPU stream is required");
@@ -462,9 +505,13 @@ mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::arr
     throw std::invalid_argument("quantized_matvec: need 0 <= start < stop <= the weight's rows");
   auto out_shape = x.shape();
   out_shape.back() = end - start;
-  // No `contiguous` for the weights: it copies a row slice of a larger buffer.
-  std::vector<mx::array> inputs = {mx::contiguous(x, false, stream), w, scales, biases};
-  return mx::array(out_shape, mx::float32,
+  const mx::Dtype out_dtype = dtype.value_or(mx::float32);
+  if (out_dtype != mx::float32 && out_dtype != mx::float16 && out_dtype != mx::bfloat16)
+    throw std::invalid_argument("quantized_matvec: dtype must be float32, float16 or bfloat16");
+  // No `contiguous` ops (each op costs a dispatch in a decode step, and it
+  // would copy a row slice of a larger buffer): strided x is gathered in the kernel.
+  std::vector<mx::array> inputs = {x, w, scales, biases};
+  return mx::array(out_shape, out_dtype,
                    std::make_shared<QuantizedMatvec>(stream, group_size, bits, start, threads),
                    std::move(inputs));
 }
@@ -482,9 +529,9 @@ const char* kernel_name() {
 NB_MODULE(_quantized_matvec, m) {
   m.doc() = "A CPU kernel for few-row products with affine-quantized weights.";
   m.def("quantized_matvec", &quantized_matvec, "x"_a, "w"_a, "scales"_a, "biases"_a,
-        "group_size"_a, "bits"_a, nb::kw_only(), "start"_a = 0, "stop"_a = nb::none(), "threads"_a = 1,
+        "group_size"_a, "bits"_a, nb::kw_only(), "start"_a = 0, "stop"_a = nb::none(), "threads"_a = 1, "dtype"_a = nb::none(),
         "stream"_a = nb::none(),
-        "x @ dequantize(w, scales, biases)[start:stop].T in float32, for at most 8 rows of x,\n"
-        "on `threads` threads (the caller's and a shared pool's).");
+        "x @ dequantize(w, scales, biases)[start:stop].T, for at most 8 rows of x, summed in\n"
+        "float32 and returned as `dtype` (default float32), on `threads` threads.");
   m.def("kernel_name", &kernel_name, "Which code path this build runs.");
 }

@@ -115,8 +115,12 @@ def _quantized_product(layer, x: mx.array) -> mx.array:
     if kernel is not None:
         # The kernel splits the rows over the cores itself: syncing worker
         # streams would cost more than a decode-sized product takes.
+        # Results come in x's dtype unless a bias is still to be added in float32.
         threads = max(1, len(worker_streams()))
-        return kernel.quantized_matvec(x, weight, scales, biases, **kwargs, threads=threads)
+        dtype = mx.float32 if "bias" in layer else x.dtype
+        return kernel.quantized_matvec(
+            x, weight, scales, biases, **kwargs, threads=threads, dtype=dtype
+        )
     # Only the products depend on x: without this the worker streams would
     # dequantize (or upcast) every layer's weights ahead of the activations.
     weight, scales = mx.depends([weight, scales], [x])
