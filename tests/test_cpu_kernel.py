@@ -45,7 +45,7 @@ def test_the_native_build_takes_the_fast_path_where_the_cpu_has_it():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 21])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_products_equal_the_dequantized_float32_product(kernel, bits, rows, group_size):
     q, s, b = quantized(200, 512, bits, group_size, seed=rows)
@@ -138,7 +138,6 @@ def test_threads_split_the_rows_bit_identically(kernel, threads):
 
 @pytest.mark.parametrize("call, message", [
     (lambda k, x, q, s, b: k.quantized_matvec(x, q, s, b, 64, 3), "bits must be 4 or 8"),
-    (lambda k, x, q, s, b: k.quantized_matvec(mx.zeros((9, 256), mx.bfloat16), q, s, b, 64, 4), "at most 8 rows"),
     (lambda k, x, q, s, b: k.quantized_matvec(x[:, :128], q, s, b, 64, 4), "disagree"),
     (lambda k, x, q, s, b: k.quantized_matvec(x, q, s, b, 32, 4), "disagree"),
     (lambda k, x, q, s, b: k.quantized_matvec(x.astype(mx.int32), q, s, b, 64, 4), "floating point"),
@@ -161,7 +160,17 @@ def test_transposed_weight_rows_are_refused_at_evaluation(kernel):
         mx.eval(kernel.quantized_matvec(x, square.T, s, b, 64, 8))
 
 
-def test_quantized_layers_use_the_kernel_for_few_rows(monkeypatch):
+def test_rows_in_blocks_equal_rows_one_at_a_time(kernel):
+    q, s, b = quantized(200, 256, 4, 64)
+    x = mx.random.normal((2, 11, 256), key=mx.random.key(9)).astype(mx.bfloat16)
+    together = kernel.quantized_matvec(x, q, s, b, 64, 4, threads=2, dtype=mx.bfloat16)
+    alone = mx.concatenate(
+        [kernel.quantized_matvec(x[:, i:i + 1], q, s, b, 64, 4, dtype=mx.bfloat16) for i in range(11)], axis=1
+    )
+    assert mx.array_equal(together, alone)
+
+
+def test_quantized_layers_use_the_kernel_unless_a_fast_blas_takes_many_rows(monkeypatch):
     calls = []
     module = cpu_kernel.load()
     real = module.quantized_matvec
@@ -171,14 +180,16 @@ def test_quantized_layers_use_the_kernel_for_few_rows(monkeypatch):
             calls.append(args[0].shape)
             return real(*args, **kwargs)
 
-    monkeypatch.setattr(layers, "cpu_policy", lambda: (True, False))
     monkeypatch.setattr(cpu_kernel, "load", lambda: Recording())
     layer = layers.Linear(256, 128).to_quantized(group_size=64, bits=4)
-    mx.eval(layer(mx.ones((1, 1, 256), mx.bfloat16)))
-    assert calls, "a decode-shaped product did not reach the kernel"
-    calls.clear()
-    mx.eval(layer(mx.ones((1, 16, 256), mx.bfloat16)))  # prefill: dequantize + matmul
-    assert not calls
+    for fast_blas in (False, True):
+        monkeypatch.setattr(layers, "cpu_policy", lambda: (True, fast_blas))
+        mx.eval(layer(mx.ones((1, 1, 256), mx.bfloat16)))
+        assert calls, "a decode-shaped product did not reach the kernel"
+        calls.clear()
+        mx.eval(layer(mx.ones((1, 16, 256), mx.bfloat16)))
+        assert bool(calls) == (not fast_blas)  # prefill: dequantize + sgemm with a fast BLAS
+        calls.clear()
 
 
 def test_turned_off_the_layers_keep_mlx_kernels(monkeypatch):

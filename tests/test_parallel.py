@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_vlm_qwen3vl import cpu_kernel
 from mlx_vlm_qwen3vl.qwen3_vl import layers, parallel
 
 
@@ -62,9 +63,17 @@ def test_dense_products_split_across_workers_are_bit_identical(workers, rows, dt
         assert mx.array_equal(a, b)
 
 
+@pytest.fixture(params=["native kernel", "mlx kernels"])
+def native(request, monkeypatch):
+    """With the native kernel (which splits its rows itself) and without it."""
+    if request.param == "mlx kernels":
+        monkeypatch.setattr(cpu_kernel, "load", lambda: None)
+    return request.param == "native kernel"
+
+
 @pytest.mark.parametrize("rows", [1, 16])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_products_split_across_workers_are_bit_identical(workers, rows, bits):
+def test_quantized_products_split_across_workers_are_bit_identical(workers, native, rows, bits):
     dense, head = seeded_layers()
     dense, head = dense.to_quantized(64, bits), head.to_quantized(64, bits)
     x = mx.random.normal((1, rows, 256)).astype(mx.bfloat16)
@@ -72,7 +81,7 @@ def test_quantized_products_split_across_workers_are_bit_identical(workers, rows
     single = products(dense, head, x)
     made = workers(2)
     split = products(dense, head, x)
-    if rows <= layers.QUANTIZED_KERNEL_MAX_ROWS:
+    if native:
         assert made == []  # the native kernel splits its rows over the cores itself
     else:
         assert made and all(parts >= 2 for parts in made)
@@ -124,7 +133,7 @@ def test_split_products_run_from_another_thread(workers):
     assert all(mx.array_equal(a, b) for a, b in zip(expected, results[0]))
 
 
-def test_dequantized_temporaries_stay_bounded(workers):
+def test_dequantized_temporaries_stay_bounded(workers, native):
     """A 16-row product through a 4-bit 32768 x 2048 head (128 MB dense in
     bfloat16): MLX's CPU dequantize needs ~5x its output, so unsliced this
     held about 640 MB."""

@@ -5,13 +5,14 @@ their quantized forms. On the CPU (mlx[cpu] on Linux) MLX's own kernels set
 the cost (shared/notes/mlx-cpu-performance.md, benchmarks/bench_blas.py), and
 the same arithmetic is much faster in another form:
 
-- Quantized weights, few rows (decode): the native kernel (cpu_kernel.py)
-  streams the packed weights ~30x faster than MLX's `quantized_matmul`;
-  without it, `quantized_matmul` with float32 activations, scales and biases
-  is ~8x faster than with bfloat16 ones.
-- Quantized weights, many rows (prefill): dequantizing and multiplying
-  densely is ~19x faster than `quantized_matmul` in bfloat16 at 128 rows.
-  Both are also closer to the exact product than the bfloat16 kernel.
+- Quantized weights: the native kernel (cpu_kernel.py) streams the packed
+  weights once per 8 rows, ~20x faster than MLX's `quantized_matmul` at one
+  row and ~12-19x faster than dequantize + matmul at 16-64 rows. Only with an
+  optimized BLAS do many rows go to dequantize + sgemm instead. Without the
+  kernel: `quantized_matmul` with float32 activations, scales and biases for
+  a few rows (~8x faster than with bfloat16 ones), dequantize + matmul for
+  more (~19x faster than `quantized_matmul` in bfloat16 at 128 rows). All of
+  these are closer to the exact product than MLX's bfloat16 kernel.
 - bfloat16 products never reach BLAS. With an optimized BLAS preloaded
   (`MLX_VLM_QWEN3VL_BLAS`, see cpu_blas.py), products of several rows
   (prefill, the vision tower) run in float32 through sgemm (6-40x faster);
@@ -98,8 +99,11 @@ def _sliced_product(product, out_features: int, temporary_row_bytes: int, parall
 
 
 def _native_kernel(layer, x: mx.array):
-    """The native few-row kernel, when it takes this product."""
+    """The native kernel, when it takes this product: always, unless an
+    optimized BLAS does many rows faster after dequantizing."""
     if layer.bits not in (4, 8) or "biases" not in layer or x.shape[-1] % layer.group_size:
+        return None
+    if _rows(x) > QUANTIZED_KERNEL_MAX_ROWS and cpu_policy()[1]:
         return None
     from mlx_vlm_qwen3vl import cpu_kernel
 
@@ -111,7 +115,7 @@ def _quantized_product(layer, x: mx.array) -> mx.array:
     weight, scales, biases = layer["weight"], layer["scales"], layer.get("biases")
     kwargs = dict(group_size=layer.group_size, bits=layer.bits)
     out_features = weight.shape[0]
-    kernel = _native_kernel(layer, x) if _rows(x) <= QUANTIZED_KERNEL_MAX_ROWS else None
+    kernel = _native_kernel(layer, x)
     if kernel is not None:
         # The kernel splits the rows over the cores itself: syncing worker
         # streams would cost more than a decode-sized product takes.
