@@ -237,3 +237,118 @@ def test_no_compiler_is_named(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(cpu_kernel.KernelUnavailable, match=r"no C\+\+ compiler"):
         cpu_kernel._compiler()
+
+
+# Dense bfloat16 products (matmul_bf16): the AVX-512 BF16 build only.
+
+def dense_inputs(rows, out_features, in_features, seed=0):
+    kx, kw, kb = mx.random.split(mx.random.key(seed), 3)
+    x = mx.random.normal((rows, in_features), key=kx).astype(mx.bfloat16)
+    w = (mx.random.normal((out_features, in_features), key=kw) * 0.05).astype(mx.bfloat16)
+    b = mx.random.normal((out_features,), key=kb).astype(mx.bfloat16)
+    return x, w, b
+
+
+def exact_dense(x, w, b=None):
+    f32 = mx.float32
+    out = x.astype(f32) @ w.astype(f32).T
+    return out if b is None else out + b.astype(f32)
+
+
+@pytest.fixture(scope="module")
+def dense_kernel():
+    """The native build. On a CPU without AVX-512 BF16 (where it has no dense
+    path) the dense tests check instead that it refuses and the layers keep
+    MLX's kernel."""
+    return cpu_kernel.load()
+
+
+def has_dense(kernel) -> bool:
+    if kernel.has_dense_bf16():
+        return True
+    x, w, _ = dense_inputs(1, 64, 64)
+    with pytest.raises(ValueError, match="no AVX-512 BF16 path"):
+        kernel.matmul_bf16(x, w)
+    layer = layers.Linear(64, 64)
+    layer.set_dtype(mx.bfloat16)
+    assert layers._native_dense_kernel(x, layer.weight) is None
+    return False
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 21, 100])
+@pytest.mark.parametrize("in_features", [32, 96, 2048])
+def test_dense_products_equal_the_float32_product(dense_kernel, rows, in_features):
+    if not has_dense(dense_kernel):
+        return
+    x, w, b = dense_inputs(rows, 150, in_features, seed=rows)
+    f32 = dense_kernel.matmul_bf16(x, w, b, threads=2, dtype=mx.float32)
+    assert max_rel(f32, exact_dense(x, w, b)) < 2e-6  # only the order of float32 sums differs
+    no_bias = dense_kernel.matmul_bf16(x, w, dtype=mx.float32)
+    assert max_rel(no_bias, exact_dense(x, w)) < 2e-6
+    bf16 = dense_kernel.matmul_bf16(x, w, b, threads=2)
+    assert bf16.dtype == mx.bfloat16 and mx.array_equal(bf16, f32.astype(mx.bfloat16))
+
+
+def test_dense_threads_and_strided_inputs(dense_kernel):
+    if not has_dense(dense_kernel):
+        return
+    x, w, b = dense_inputs(12, 700, 256, seed=3)
+    one = dense_kernel.matmul_bf16(x, w, b)
+    for threads in (2, 3, 8):
+        assert mx.array_equal(dense_kernel.matmul_bf16(x, w, b, threads=threads), one)
+    wide = mx.concatenate([x, x], axis=-1)
+    assert mx.array_equal(dense_kernel.matmul_bf16(wide[:, ::2], w, b),
+                          dense_kernel.matmul_bf16(mx.array(wide[:, ::2].tolist(), dtype=mx.bfloat16), w, b))
+    assert dense_kernel.matmul_bf16(x.reshape(3, 4, 256), w, b).shape == (3, 4, 700)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda k, x, w, b: k.matmul_bf16(x.astype(mx.float32), w), "expected bfloat16"),
+    (lambda k, x, w, b: k.matmul_bf16(x[:, :48], w[:, :48]), "multiple of 32"),
+    (lambda k, x, w, b: k.matmul_bf16(x, w[:, :32]), "disagree"),
+    (lambda k, x, w, b: k.matmul_bf16(x, w, b[:5]), "bias must be"),
+    (lambda k, x, w, b: k.matmul_bf16(x, w, threads=0), "threads must be"),
+])
+def test_dense_bad_arguments_get_a_clear_error(dense_kernel, call, message):
+    if not has_dense(dense_kernel):
+        return
+    x, w, b = dense_inputs(2, 64, 64)
+    with pytest.raises(ValueError, match=message):
+        call(dense_kernel, x, w, b)
+
+
+def test_the_generic_build_refuses_dense_products():
+    generic = cpu_kernel.load_variant("generic")
+    assert not generic.has_dense_bf16()
+    x, w, _ = dense_inputs(1, 64, 64)
+    with pytest.raises(ValueError, match="no AVX-512 BF16 path"):
+        generic.matmul_bf16(x, w)
+
+
+def test_bfloat16_layers_use_the_dense_kernel(dense_kernel, monkeypatch):
+    if not has_dense(dense_kernel):
+        return
+    calls = []
+    real = dense_kernel.matmul_bf16
+
+    class Recording:
+        def has_dense_bf16(self):
+            return True
+
+        def matmul_bf16(self, *args, **kwargs):
+            calls.append(args[0].shape)
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernel, "load", lambda: Recording())
+    layer = layers.Linear(256, 128)
+    layer.set_dtype(mx.bfloat16)
+    x = mx.random.normal((1, 5, 256), key=mx.random.key(4)).astype(mx.bfloat16)
+    for fast_blas, expected in ((False, True), (True, False)):
+        monkeypatch.setattr(layers, "cpu_policy", lambda: (True, fast_blas))
+        out = layer(x)
+        assert bool(calls) == expected  # several rows go to sgemm when a fast BLAS is loaded
+        assert max_rel(out.astype(mx.float32), exact_dense(x, layer.weight, layer.bias)) < 1e-2
+        calls.clear()
+    layer.set_dtype(mx.float32)
+    layer(x.astype(mx.float32))
+    assert not calls  # float32 keeps MLX's kernel
