@@ -1,9 +1,11 @@
-"""The native CPU kernel for quantized decode products (csrc/quantized_matvec.cpp).
+"""The native CPU kernels for quantized and bfloat16 products (csrc/quantized_matvec.cpp).
 
-MLX's CPU `quantized_matmul` unpacks one weight at a time: a 4-bit model
-decodes slower than the same model in bfloat16. The kernel in csrc/ is an MLX
-primitive (lazy, on the caller's stream, so parallel.py still splits it across
-cores) that streams the packed weights at memory speed.
+MLX's CPU `quantized_matmul` unpacks one weight at a time (a 4-bit model
+decoded slower than the same model in bfloat16) and its bfloat16 matmul runs
+at ~7 GFLOP/s on one core. The extension in csrc/ adds two MLX primitives
+(lazy, on the caller's stream) that split their output features over the
+cores with a small thread pool: `quantized_matvec` (affine 4/8-bit weights)
+and `matmul_bf16` (dense bfloat16, AVX-512 BF16 builds only).
 
 It is compiled on first use, like MLX's own CPU `mx.compile` kernels: with the
 system C++ compiler (`$CXX`, else c++/g++/clang++), for this machine's CPU,
@@ -146,7 +148,7 @@ def build(variant: str = "native") -> Path:
         return target
     mlx_root, nb_root = _paths()
     common, kernel, link = _flags(variant, mlx_root, nb_root)
-    print(f"mlx-vlm-qwen3vl: building the CPU kernel for quantized decode (once, a few seconds) "
+    print(f"mlx-vlm-qwen3vl: building the native CPU kernels (once, a few seconds) "
           f"in {target.parent}", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -202,8 +204,8 @@ def load():
         return load_variant(variant)
     except (KernelUnavailable, ImportError, OSError, TypeError) as e:
         warnings.warn(
-            f"mlx-vlm-qwen3vl: the native CPU kernel for quantized decode is not used ({e}). "
-            f"Quantized decode on the CPU falls back to MLX's kernels (much slower); "
+            f"mlx-vlm-qwen3vl: the native CPU kernels are not used ({e}). "
+            f"Quantized and bfloat16 products on the CPU fall back to MLX's kernels (much slower); "
             f"{ENV_VAR}=0 silences this.",
             stacklevel=2,
         )

@@ -13,6 +13,9 @@
 // q * x is exact in the AVX-512 BF16 dot product (q < 256 and x are both
 // bfloat16 numbers), so the result differs from MLX's float32 kernel only in
 // the order of the float32 sums.
+//
+// The second primitive, `matmul_bf16` (end of file), does dense bfloat16
+// products the same way.
 
 #include <algorithm>
 #include <atomic>
