@@ -36,9 +36,11 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 
-from .parallel import split_axis, worker_streams
+from .parallel import split_axis, worker_count
 
-# Up to this many rows, float32 quantized_matmul beats dequantize + matmul.
+# Up to this many rows a quantized product stays with the native kernel even
+# when a fast BLAS is loaded, and (without the kernel) float32
+# quantized_matmul beats dequantize + matmul.
 QUANTIZED_KERNEL_MAX_ROWS = 8
 # Bound on the temporaries of one slice of a product (see _sliced_product).
 TEMPORARY_SLICE_BYTES = 1 << 20
@@ -115,7 +117,8 @@ def _native_kernel(layer, x: mx.array):
 
 
 def _quantized_product(layer, x: mx.array) -> mx.array:
-    """x @ W.T for a quantized W, in float32 unless dense bf16 is the fast way."""
+    """x @ W.T for a quantized W: the native kernel, else MLX's kernels in
+    float32 unless dense bf16 is the fast way."""
     weight, scales, biases = layer["weight"], layer["scales"], layer.get("biases")
     kwargs = dict(group_size=layer.group_size, bits=layer.bits)
     out_features = weight.shape[0]
@@ -124,7 +127,7 @@ def _quantized_product(layer, x: mx.array) -> mx.array:
         # The kernel splits the rows over the cores itself: syncing worker
         # streams would cost more than a decode-sized product takes.
         # Results come in x's dtype unless a bias is still to be added in float32.
-        threads = max(1, len(worker_streams()))
+        threads = worker_count()
         dtype = mx.float32 if "bias" in layer else x.dtype
         return kernel.quantized_matvec(
             x, weight, scales, biases, **kwargs, threads=threads, dtype=dtype
@@ -178,7 +181,7 @@ def _dense_product(x: mx.array, weight: mx.array, bias=None) -> mx.array:
     split over the cores, in float32 through the fast BLAS when it pays."""
     kernel = _native_dense_kernel(x, weight)
     if kernel is not None:
-        threads = max(1, len(worker_streams()))
+        threads = worker_count()
         return kernel.matmul_bf16(x, weight, bias, threads=threads, dtype=x.dtype)
     upcast = _upcast(x)
     if upcast:
