@@ -81,19 +81,21 @@ void load_floats(const mx::array& a, size_t start, size_t count, float* out) {
   load_floats(a.data<void>(), a.dtype(), start, count, out);
 }
 
-// The elements of a strided array in row-major order (raw bytes).
-std::vector<char> gather(const mx::array& a) {
+// The elements of `a` in row-major order (raw bytes): its own buffer when it
+// is row-contiguous, else a gathered copy kept in `storage`.
+const char* row_major_data(const mx::array& a, std::vector<char>& storage) {
+  if (a.flags().row_contiguous) return a.data<char>();
   const size_t item = a.itemsize();
-  std::vector<char> out(a.size() * item);
+  storage.resize(a.size() * item);
   const char* base = a.data<char>();
   std::vector<int64_t> index(a.ndim(), 0);
   for (size_t i = 0; i < a.size(); ++i) {
     int64_t offset = 0;
     for (int d = 0; d < int(a.ndim()); ++d) offset += index[d] * a.strides(d);
-    std::memcpy(out.data() + i * item, base + offset * int64_t(item), item);
+    std::memcpy(storage.data() + i * item, base + offset * int64_t(item), item);
     for (int d = int(a.ndim()) - 1; d >= 0 && ++index[d] == a.shape(d); --d) index[d] = 0;
   }
-  return out;
+  return storage.data();
 }
 
 // float32 results into an output of another float dtype, rounded as astype does.
@@ -438,11 +440,7 @@ class QuantizedMatvec : public mx::UnaryPrimitive {
       const int groups = in_features / group_size;
       const int out_features = out.shape(-1);
       std::vector<char> x_copy;  // when x is a strided view
-      const char* x_data = x.data<char>();
-      if (!x.flags().row_contiguous) {
-        x_copy = gather(x);
-        x_data = x_copy.data();
-      }
+      const char* x_data = row_major_data(x, x_copy);
       // Blocks of up to kMaxRows rows: each streams the weights once.
       std::vector<float> xf(size_t(kMaxRows) * in_features), sums(size_t(kMaxRows) * groups);
       std::vector<float> out_f32(out.dtype() == mx::float32 ? 0 : size_t(kMaxRows) * out_features);
@@ -608,22 +606,13 @@ class DenseMatmul : public mx::UnaryPrimitive {
       const int in_features = x.shape(-1), out_features = out.shape(-1);
       const int rows = x.size() / in_features;
       std::vector<char> x_copy;
-      const char* x_data = x.data<char>();
-      if (!x.flags().row_contiguous) {
-        x_copy = gather(x);
-        x_data = x_copy.data();
-      }
+      const char* x_data = row_major_data(x, x_copy);
       std::vector<float> bias;
       if (held.size() > 2) {
         bias.resize(out_features);
         const mx::array& b = held[2];
         std::vector<char> b_copy;
-        const char* b_data = b.data<char>();
-        if (!b.flags().row_contiguous) {
-          b_copy = gather(b);
-          b_data = b_copy.data();
-        }
-        load_floats(b_data, b.dtype(), 0, out_features, bias.data());
+        load_floats(row_major_data(b, b_copy), b.dtype(), 0, out_features, bias.data());
       }
       std::vector<float> out_f32(out.dtype() == mx::float32 ? 0 : out.size());
       float* results = out_f32.empty() ? out.data<float>() : out_f32.data();
