@@ -111,7 +111,7 @@ void store_as(const float* values, size_t count, mx::array& out, size_t offset) 
 
 struct Problem {
   int rows, in_features, out_features, group_size, bits;
-  int first_row;            // of the weight: outputs are its rows first_row + [0, out_features)
+  int first_row;            // of the weight: a thread's part covers rows first_row + [0, out_features)
   // Rows of the weight, scales and biases are contiguous, not always the
   // matrices: the model passes row slices of larger ones.
   const uint8_t* weight;    // [out_features, in_features * bits / 8]
@@ -415,9 +415,8 @@ void matvec(const Problem& p, int threads) {
 
 class QuantizedMatvec : public mx::UnaryPrimitive {
  public:
-  QuantizedMatvec(mx::Stream stream, int group_size, int bits, int start, int threads)
-      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits), start_(start),
-        threads_(threads) {}
+  QuantizedMatvec(mx::Stream stream, int group_size, int bits, int threads)
+      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits), threads_(threads) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     for (int i = 1; i < 4; ++i)
@@ -433,7 +432,7 @@ class QuantizedMatvec : public mx::UnaryPrimitive {
                       s = mx::array::unsafe_weak_copy(inputs[2]),
                       b = mx::array::unsafe_weak_copy(inputs[3]),
                       out = mx::array::unsafe_weak_copy(out),
-                      group_size = group_size_, bits = bits_, start = start_,
+                      group_size = group_size_, bits = bits_,
                       threads = threads_]() mutable {
       const int in_features = x.shape(-1);
       const int rows = x.size() / in_features;
@@ -455,7 +454,7 @@ class QuantizedMatvec : public mx::UnaryPrimitive {
               sums[m * groups + g] += xf[size_t(m) * in_features + g * group_size + i];
         float* results = out_f32.empty() ? out.data<float>() + size_t(first) * out_features
                                          : out_f32.data();
-        Problem p{block, in_features, out_features, group_size, bits, start,
+        Problem p{block, in_features, out_features, group_size, bits, /*first_row=*/0,
                   w.data<uint8_t>(), size_t(w.strides(0)) * w.itemsize(), &s, &b, xf.data(),
                   x.dtype() == mx::bfloat16 ? reinterpret_cast<const uint16_t*>(x_block) : nullptr,
                   sums.data(), results, out_features};
@@ -474,17 +473,15 @@ class QuantizedMatvec : public mx::UnaryPrimitive {
 
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const QuantizedMatvec&>(other);
-    return group_size_ == o.group_size_ && bits_ == o.bits_ && start_ == o.start_ &&
-           threads_ == o.threads_;
+    return group_size_ == o.group_size_ && bits_ == o.bits_ && threads_ == o.threads_;
   }
 
  private:
-  int group_size_, bits_, start_, threads_;
+  int group_size_, bits_, threads_;
 };
 
 mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::array& scales,
-                           const mx::array& biases, int group_size, int bits,
-                           int start, std::optional<int> stop, int threads,
+                           const mx::array& biases, int group_size, int bits, int threads,
                            std::optional<mx::Dtype> dtype, mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
   if (stream.device != mx::Device::cpu)
@@ -504,11 +501,8 @@ mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::arr
     throw std::invalid_argument("quantized_matvec: shapes of x, w, scales, biases disagree");
   if (threads < 1 || threads > 256)
     throw std::invalid_argument("quantized_matvec: threads must be between 1 and 256");
-  const int end = stop.value_or(w.shape(0));
-  if (start < 0 || end > w.shape(0) || start >= end)
-    throw std::invalid_argument("quantized_matvec: need 0 <= start < stop <= the weight's rows");
   auto out_shape = x.shape();
-  out_shape.back() = end - start;
+  out_shape.back() = w.shape(0);
   const mx::Dtype out_dtype = dtype.value_or(mx::float32);
   if (out_dtype != mx::float32 && out_dtype != mx::float16 && out_dtype != mx::bfloat16)
     throw std::invalid_argument("quantized_matvec: dtype must be float32, float16 or bfloat16");
@@ -516,7 +510,7 @@ mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::arr
   // would copy a row slice of a larger buffer): strided x is gathered in the kernel.
   std::vector<mx::array> inputs = {x, w, scales, biases};
   return mx::array(out_shape, out_dtype,
-                   std::make_shared<QuantizedMatvec>(stream, group_size, bits, start, threads),
+                   std::make_shared<QuantizedMatvec>(stream, group_size, bits, threads),
                    std::move(inputs));
 }
 
@@ -685,9 +679,9 @@ const char* kernel_name() {
 NB_MODULE(_quantized_matvec, m) {
   m.doc() = "A CPU kernel for products with affine-quantized weights.";
   m.def("quantized_matvec", &quantized_matvec, "x"_a, "w"_a, "scales"_a, "biases"_a,
-        "group_size"_a, "bits"_a, nb::kw_only(), "start"_a = 0, "stop"_a = nb::none(), "threads"_a = 1, "dtype"_a = nb::none(),
+        "group_size"_a, "bits"_a, nb::kw_only(), "threads"_a = 1, "dtype"_a = nb::none(),
         "stream"_a = nb::none(),
-        "x @ dequantize(w, scales, biases)[start:stop].T (x in blocks of 8 rows), summed in\n"
+        "x @ dequantize(w, scales, biases).T (x in blocks of 8 rows), summed in\n"
         "float32 and returned as `dtype` (default float32), on `threads` threads.");
   m.def("matmul_bf16", &matmul_bf16, "x"_a, "w"_a, "bias"_a = nb::none(), nb::kw_only(),
         "threads"_a = 1, "dtype"_a = nb::none(), "stream"_a = nb::none(),
