@@ -36,7 +36,8 @@ from pathlib import Path
 
 ENV_VAR = "MLX_VLM_QWEN3VL_KERNEL"
 MODULE_NAME = "_quantized_matvec"
-SOURCE = Path(__file__).parent / "csrc" / "quantized_matvec.cpp"
+SOURCE_DIR = Path(__file__).parent / "csrc"
+SOURCES = ("quantized_matvec.cpp", "decode_ops.cpp", "module.cpp")
 BUILD_TIMEOUT_S = 600
 # Most rows one call takes (kMaxRows in the source).
 MAX_ROWS = 8
@@ -124,7 +125,8 @@ def _key(variant: str, compiler: str) -> str:
     import nanobind
 
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), mx.__version__, nanobind.__version__, variant, compiler,
+    sources = [path.read_bytes() for path in sorted(SOURCE_DIR.iterdir()) if path.suffix in (".cpp", ".h")]
+    for part in (*sources, mx.__version__, nanobind.__version__, variant, compiler,
                  sysconfig.get_config_var("EXT_SUFFIX") or "", _cpu_signature(), sys.version):
         h.update(part if isinstance(part, bytes) else str(part).encode())
     return h.hexdigest()[:16]
@@ -152,15 +154,17 @@ def build(variant: str = "native") -> Path:
           f"in {target.parent}", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        objects = [Path(tmp) / "kernel.o", Path(tmp) / "nanobind.o"]
         compiles = [
-            [compiler, *common, *kernel, "-c", str(SOURCE), "-o", str(objects[0])],
-            [compiler, *common, "-O2", "-c", str(nb_root / "src" / "nb_combined.cpp"), "-o", str(objects[1])],
+            [compiler, *common, *kernel, "-c", str(SOURCE_DIR / name), "-o", str(Path(tmp) / f"{name}.o")]
+            for name in SOURCES
         ]
+        compiles.append([compiler, *common, "-O2", "-c", str(nb_root / "src" / "nb_combined.cpp"),
+                         "-o", str(Path(tmp) / "nanobind.o")])
+        objects = [cmd[-1] for cmd in compiles]
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(_run, compiles))
         built = Path(tmp) / target.name
-        _run([compiler, *map(str, objects), *link, "-o", str(built)])
+        _run([compiler, *objects, *link, "-o", str(built)])
         os.replace(built, target)  # atomic: a concurrent build writes the same bytes
     return target
 

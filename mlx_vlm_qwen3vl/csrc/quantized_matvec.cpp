@@ -17,97 +17,14 @@
 // The second primitive, `matmul_bf16` (end of file), does dense bfloat16
 // products the same way.
 
-#include <algorithm>
-#include <atomic>
-#include <condition_variable>
-#include <functional>
-#include <mutex>
-#include <thread>
-#include <cstdint>
-#include <cstring>
-#include <optional>
-#include <stdexcept>
-#include <type_traits>
-#include <vector>
+#include "common.h"
+#include "kernels.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && !defined(QMV_GENERIC)
-#define QMV_AVX512_BF16 1
-#include <immintrin.h>
-#endif
-
-#include <nanobind/nanobind.h>
-#include <nanobind/stl/optional.h>
-#include <nanobind/stl/variant.h>
-
-#include "mlx/backend/cpu/encoder.h"
-#include "mlx/mlx.h"
-#include "mlx/primitives.h"
-
-namespace nb = nanobind;
-using namespace nb::literals;
-namespace mx = mlx::core;
-
+namespace qwen3vl {
 namespace {
 
 constexpr int kMaxRows = 8;  // rows per pass over the weights
 
-float bf16_to_float(uint16_t v) {
-  uint32_t bits = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// Scales, biases and activations arrive as float32, float16 or bfloat16:
-// `count` of them from element `start` of `data`, as float32.
-void load_floats(const void* data, mx::Dtype dtype, size_t start, size_t count, float* out) {
-  switch (dtype) {
-    case mx::float32:
-      std::memcpy(out, static_cast<const float*>(data) + start, count * sizeof(float));
-      break;
-    case mx::bfloat16: {
-      auto p = static_cast<const uint16_t*>(data) + start;
-      for (size_t i = 0; i < count; ++i) out[i] = bf16_to_float(p[i]);
-      break;
-    }
-    default: {
-      auto p = static_cast<const mx::float16_t*>(data) + start;
-      for (size_t i = 0; i < count; ++i) out[i] = static_cast<float>(p[i]);
-    }
-  }
-}
-
-void load_floats(const mx::array& a, size_t start, size_t count, float* out) {
-  load_floats(a.data<void>(), a.dtype(), start, count, out);
-}
-
-// The elements of `a` in row-major order (raw bytes): its own buffer when it
-// is row-contiguous, else a gathered copy kept in `storage`.
-const char* row_major_data(const mx::array& a, std::vector<char>& storage) {
-  if (a.flags().row_contiguous) return a.data<char>();
-  const size_t item = a.itemsize();
-  storage.resize(a.size() * item);
-  const char* base = a.data<char>();
-  std::vector<int64_t> index(a.ndim(), 0);
-  for (size_t i = 0; i < a.size(); ++i) {
-    int64_t offset = 0;
-    for (int d = 0; d < int(a.ndim()); ++d) offset += index[d] * a.strides(d);
-    std::memcpy(storage.data() + i * item, base + offset * int64_t(item), item);
-    for (int d = int(a.ndim()) - 1; d >= 0 && ++index[d] == a.shape(d); --d) index[d] = 0;
-  }
-  return storage.data();
-}
-
-// float32 results into an output of another float dtype, rounded as astype does.
-void store_as(const float* values, size_t count, mx::array& out, size_t offset) {
-  if (out.dtype() == mx::bfloat16) {
-    auto p = out.data<mx::bfloat16_t>() + offset;
-    for (size_t i = 0; i < count; ++i) p[i] = mx::bfloat16_t(values[i]);
-  } else {
-    auto p = out.data<mx::float16_t>() + offset;
-    for (size_t i = 0; i < count; ++i) p[i] = mx::float16_t(values[i]);
-  }
-}
 
 struct Problem {
   int rows, in_features, out_features, group_size, bits;
@@ -190,17 +107,6 @@ inline __m512 load16(const T* p, __mmask16 mask) {
   }
 }
 
-template <typename T>
-inline float scale_at(const T* p, int i) {
-  if constexpr (std::is_same_v<T, float>) return p[i];
-  else if constexpr (std::is_same_v<T, uint16_t>) return bf16_to_float(p[i]);
-  else {
-    uint16_t bits;
-    std::memcpy(&bits, p + i, sizeof bits);
-    return _cvtsh_ss(bits);
-  }
-}
-
 // sum_g biases[g] * x_group_sums[g]
 template <typename T>
 inline float bias_term(const T* biases, const float* x_group_sums, int groups) {
@@ -236,10 +142,15 @@ void matvec_avx512_bf16(const Problem& p, const uint16_t* x) {
     table_values[i] = uint16_t(bits >> 16);
   }
   const __m512i table = _mm512_load_si512(table_values);
+  // A row's scales as float32 up front: one broadcast from memory per group.
+  std::vector<float> scales((groups + 15) / 16 * 16);
   for (int n = 0; n < out_features; ++n) {
     const size_t row = size_t(p.first_row) + n;
     const uint8_t* w = p.weight + row * p.weight_row_stride;
-    const T* scales = scales_base + row * scales_stride;
+    for (int g = 0; g < groups; g += 16) {
+      __mmask16 mask = groups - g >= 16 ? 0xFFFF : (1u << (groups - g)) - 1;
+      _mm512_storeu_ps(scales.data() + g, load16(scales_base + row * scales_stride + g, mask));
+    }
     __m512 even[ROWS], odd[ROWS];
     for (int m = 0; m < ROWS; ++m) even[m] = odd[m] = _mm512_setzero_ps();
     // acc[m] += scales[g] * (the group's q . x[m])
@@ -258,7 +169,7 @@ void matvec_avx512_bf16(const Problem& p, const uint16_t* x) {
             dot[m] = _mm512_dpbf16_ps(dot[m], (__m512bh)q[v], (__m512bh)xv);
           }
       }
-      const __m512 s = _mm512_set1_ps(scale_at(scales, g));
+      const __m512 s = _mm512_set1_ps(scales[g]);
       for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_fmadd_ps(s, dot[m], acc[m]);
     };
     int g = 0;
@@ -321,72 +232,6 @@ void dispatch_bits_and_scales(const Problem& p) {
 }
 #endif
 
-// A few threads that take parts of one product. MLX runs a stream's work on
-// one thread and syncs streams with events; splitting each product over
-// streams costs more in those syncs than a decode-sized product takes.
-class WorkerPool {
- public:
-  static WorkerPool& get() {
-    static WorkerPool* pool = new WorkerPool();  // never destroyed: workers outlive exit
-    return *pool;
-  }
-
-  // Runs task(0) .. task(parts - 1), task(0) on the calling thread.
-  void run(int parts, const std::function<void(int)>& task) {
-    std::lock_guard<std::mutex> one_job_at_a_time(run_mutex_);
-    grow(parts - 1);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      task_ = &task;
-      parts_ = parts;
-      pending_.store(parts - 1);
-      generation_.fetch_add(1, std::memory_order_release);
-    }
-    wake_.notify_all();
-    task(0);
-    while (pending_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
-  }
-
- private:
-  void grow(int workers) {
-    while (int(threads_.size()) < workers) {
-      int index = int(threads_.size()) + 1;
-      threads_.emplace_back([this, index] { work(index); });
-      threads_.back().detach();
-    }
-  }
-
-  void work(int index) {
-    uint64_t seen = 0;
-    for (;;) {
-      const std::function<void(int)>* task;
-      int parts;
-      // Spin a little before sleeping: decode issues products back to back.
-      for (int spin = 0; spin < kSpins && generation_.load(std::memory_order_acquire) == seen; ++spin)
-        std::this_thread::yield();
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return generation_.load() != seen; });
-        seen = generation_.load();
-        task = task_;
-        parts = parts_;
-      }
-      if (index < parts) {
-        (*task)(index);
-        pending_.fetch_sub(1, std::memory_order_release);
-      }
-    }
-  }
-
-  std::mutex run_mutex_, mutex_;
-  std::condition_variable wake_;
-  std::vector<std::thread> threads_;
-  const std::function<void(int)>* task_ = nullptr;
-  int parts_ = 0;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
-  static constexpr int kSpins = 4000;
-};
 
 void matvec_part(const Problem& p) {
 #ifdef QMV_AVX512_BF16
@@ -397,12 +242,11 @@ void matvec_part(const Problem& p) {
   matvec_generic(p);
 }
 
-// Whole blocks of output features to each of `threads` threads.
+// Blocks of output features, several per thread (see WorkerPool).
 void matvec(const Problem& p, int threads) {
-  constexpr int kMinPart = 64;
-  const int parts = std::max(1, std::min(threads, p.out_features / kMinPart));
-  if (parts == 1) return matvec_part(p);
-  WorkerPool::get().run(parts, [&](int i) {
+  constexpr int kMinPart = 64, kPartsPerThread = 8;
+  const int parts = std::max(1, std::min(threads * kPartsPerThread, p.out_features / kMinPart));
+  run_parts(parts, threads, [&](int i) {
     const int begin = int(int64_t(p.out_features) * i / parts);
     const int end = int(int64_t(p.out_features) * (i + 1) / parts);
     Problem part = p;
@@ -480,6 +324,8 @@ class QuantizedMatvec : public mx::UnaryPrimitive {
   int group_size_, bits_, threads_;
 };
 
+}  // namespace
+
 mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::array& scales,
                            const mx::array& biases, int group_size, int bits, int threads,
                            std::optional<mx::Dtype> dtype, mx::StreamOrDevice s) {
@@ -514,6 +360,8 @@ mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::arr
                    std::move(inputs));
 }
 
+
+namespace {
 
 // ---------------------------------------------------------------------------
 // Dense bfloat16 products, x @ w.T (+ bias): MLX's CPU bfloat16 matmul runs
@@ -556,26 +404,22 @@ constexpr DenseRows kDenseRows[kMaxRows] = {dense_rows<1>, dense_rows<2>, dense_
                                             dense_rows<4>, dense_rows<5>, dense_rows<6>,
                                             dense_rows<7>, dense_rows<8>};
 
-// Each thread takes a range of output features and walks it in tiles small
-// enough to stay in its L2 cache while every block of 8 rows of x passes.
+// Output features in tiles small enough to stay in a core's L2 cache while
+// every block of 8 rows of x passes; the threads take tiles as they get free.
 void dense(const uint16_t* x, int rows, const uint16_t* w, size_t w_stride, int in_features,
            int out_features, const float* bias, float* out, int threads) {
   constexpr size_t kTileBytes = 512 << 10;
   const int tile = std::max<int>(16, kTileBytes / (size_t(in_features) * 2));
-  const int parts = std::max(1, std::min(threads, out_features / 64));
-  auto part = [&](int i) {
-    const int begin = int(int64_t(out_features) * i / parts);
-    const int end = int(int64_t(out_features) * (i + 1) / parts);
-    for (int t = begin; t < end; t += tile)
-      for (int first = 0; first < rows; first += kMaxRows) {
-        const int block = std::min(kMaxRows, rows - first);
-        kDenseRows[block - 1](x + size_t(first) * in_features, in_features, w, w_stride,
-                              in_features, t, std::min(end, t + tile), bias,
-                              out + size_t(first) * out_features, out_features);
-      }
-  };
-  if (parts == 1) return part(0);
-  WorkerPool::get().run(parts, part);
+  const int tiles = (out_features + tile - 1) / tile;
+  run_parts(tiles, threads, [&](int i) {
+    const int begin = i * tile, end = std::min(out_features, begin + tile);
+    for (int first = 0; first < rows; first += kMaxRows) {
+      const int block = std::min(kMaxRows, rows - first);
+      kDenseRows[block - 1](x + size_t(first) * in_features, in_features, w, w_stride,
+                            in_features, begin, end, bias, out + size_t(first) * out_features,
+                            out_features);
+    }
+  });
 }
 #endif
 
@@ -632,6 +476,8 @@ class DenseMatmul : public mx::UnaryPrimitive {
   int threads_;
 };
 
+}  // namespace
+
 bool has_dense_bf16() {
 #ifdef QMV_AVX512_BF16
   return true;
@@ -674,19 +520,4 @@ const char* kernel_name() {
 #endif
 }
 
-}  // namespace
-
-NB_MODULE(_quantized_matvec, m) {
-  m.doc() = "A CPU kernel for products with affine-quantized weights.";
-  m.def("quantized_matvec", &quantized_matvec, "x"_a, "w"_a, "scales"_a, "biases"_a,
-        "group_size"_a, "bits"_a, nb::kw_only(), "threads"_a = 1, "dtype"_a = nb::none(),
-        "stream"_a = nb::none(),
-        "x @ dequantize(w, scales, biases).T (x in blocks of 8 rows), summed in\n"
-        "float32 and returned as `dtype` (default float32), on `threads` threads.");
-  m.def("matmul_bf16", &matmul_bf16, "x"_a, "w"_a, "bias"_a = nb::none(), nb::kw_only(),
-        "threads"_a = 1, "dtype"_a = nb::none(), "stream"_a = nb::none(),
-        "x @ w.T (+ bias) for bfloat16 x and w, summed in float32, returned as `dtype`\n"
-        "(default bfloat16), on `threads` threads. AVX-512 BF16 builds only.");
-  m.def("has_dense_bf16", &has_dense_bf16, "Does this build have matmul_bf16?");
-  m.def("kernel_name", &kernel_name, "Which code path this build runs.");
-}
+}  // namespace qwen3vl

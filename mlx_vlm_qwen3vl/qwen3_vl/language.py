@@ -22,11 +22,11 @@ from mlx_vlm.models.base import (
     cache_position_offset,
     create_attention_mask,
     kv_sequence_length,
-    scaled_dot_product_attention,
 )
 from mlx_vlm.models.cache import create_causal_mask
 
 from .config import ModelConfig, TextConfig
+from .decoder_ops import RMSNorm, attention, norm_rope, silu_mul
 from .layers import Embedding, Linear
 from .rope import InterleavedMRoPE, plain_offset, rope_index
 
@@ -44,28 +44,23 @@ class Attention(nn.Module):
         self.k_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = Linear(self.n_heads * self.head_dim, dim, bias=bias)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.q_norm = RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, eps=args.rms_norm_eps)
         self.rope = InterleavedMRoPE(self.head_dim, args.rope_theta, args.mrope_section)
 
     def __call__(self, x, mask=None, cache=None, positions=None) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1))
-        k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1))
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
-        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-
         if positions is None:
             positions = cache.offset if cache is not None else 0
-        q = self.rope.apply(q, positions)
-        k = self.rope.apply(k, positions)
+        q = norm_rope(self.q_proj(x), self.q_norm, self.rope, positions, self.n_heads)
+        k = norm_rope(self.k_proj(x), self.k_norm, self.rope, positions, self.n_kv_heads)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
 
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         if isinstance(mask, mx.array):
             mask = mask[..., : kv_sequence_length(k)]
-        out = scaled_dot_product_attention(q, k, v, cache, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.o_proj(attention(q, k, v, cache, self.scale, mask))
 
 
 class MLP(nn.Module):
@@ -76,7 +71,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -84,8 +79,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(args)
         self.mlp = MLP(args.hidden_size, args.intermediate_size)
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x, mask=None, cache=None, positions=None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache, positions)
@@ -115,7 +110,7 @@ class Qwen3VLTextModel(nn.Module):
         self.args = args
         self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(
         self,

@@ -1,0 +1,174 @@
+// What the native CPU kernels share: MLX and the SIMD path they build
+// against, dtype helpers and the worker pool.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && !defined(QMV_GENERIC)
+#define QMV_AVX512_BF16 1
+#include <immintrin.h>
+#endif
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace qwen3vl {
+
+namespace mx = mlx::core;
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Scales, biases and activations arrive as float32, float16 or bfloat16:
+// `count` of them from element `start` of `data`, as float32.
+inline void load_floats(const void* data, mx::Dtype dtype, size_t start, size_t count, float* out) {
+  switch (dtype) {
+    case mx::float32:
+      std::memcpy(out, static_cast<const float*>(data) + start, count * sizeof(float));
+      break;
+    case mx::bfloat16: {
+      auto p = static_cast<const uint16_t*>(data) + start;
+      for (size_t i = 0; i < count; ++i) out[i] = bf16_to_float(p[i]);
+      break;
+    }
+    default: {
+      auto p = static_cast<const mx::float16_t*>(data) + start;
+      for (size_t i = 0; i < count; ++i) out[i] = static_cast<float>(p[i]);
+    }
+  }
+}
+
+inline void load_floats(const mx::array& a, size_t start, size_t count, float* out) {
+  load_floats(a.data<void>(), a.dtype(), start, count, out);
+}
+
+// The elements of `a` in row-major order (raw bytes): its own buffer when it
+// is row-contiguous, else a gathered copy kept in `storage`.
+inline const char* row_major_data(const mx::array& a, std::vector<char>& storage) {
+  if (a.flags().row_contiguous) return a.data<char>();
+  const size_t item = a.itemsize();
+  storage.resize(a.size() * item);
+  const char* base = a.data<char>();
+  std::vector<int64_t> index(a.ndim(), 0);
+  for (size_t i = 0; i < a.size(); ++i) {
+    int64_t offset = 0;
+    for (int d = 0; d < int(a.ndim()); ++d) offset += index[d] * a.strides(d);
+    std::memcpy(storage.data() + i * item, base + offset * int64_t(item), item);
+    for (int d = int(a.ndim()) - 1; d >= 0 && ++index[d] == a.shape(d); --d) index[d] = 0;
+  }
+  return storage.data();
+}
+
+// float32 results into an output of another float dtype, rounded as astype does.
+inline void store_as(const float* values, size_t count, mx::array& out, size_t offset) {
+  if (out.dtype() == mx::bfloat16) {
+    auto p = out.data<mx::bfloat16_t>() + offset;
+    for (size_t i = 0; i < count; ++i) p[i] = mx::bfloat16_t(values[i]);
+  } else {
+    auto p = out.data<mx::float16_t>() + offset;
+    for (size_t i = 0; i < count; ++i) p[i] = mx::float16_t(values[i]);
+  }
+}
+
+// A few threads that take parts of one product. MLX runs a stream's work on
+// one thread and syncs streams with events; splitting each product over
+// streams costs more in those syncs than a decode-sized product takes.
+// Parts are handed out as threads get free, so a thread that loses its core
+// for a while (to the Python thread building the next step) leaves its parts
+// to the others instead of holding everyone up.
+class WorkerPool {
+ public:
+  static WorkerPool& get() {
+    static WorkerPool* pool = new WorkerPool();  // never destroyed: workers outlive exit
+    return *pool;
+  }
+
+  // Runs task(0) .. task(parts - 1) on `threads` threads, this one included.
+  void run(int parts, int threads, const std::function<void(int)>& task) {
+    std::lock_guard<std::mutex> one_job_at_a_time(run_mutex_);
+    threads = std::max(1, std::min(threads, parts));
+    grow(threads - 1);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      task_ = &task;
+      parts_ = parts;
+      helpers_ = threads - 1;
+      next_.store(0);
+      pending_.store(threads - 1);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    take_parts();
+    while (pending_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
+  }
+
+ private:
+  void take_parts() {
+    for (int part; (part = next_.fetch_add(1, std::memory_order_relaxed)) < parts_;) (*task_)(part);
+  }
+
+  void grow(int workers) {
+    while (int(threads_.size()) < workers) {
+      int index = int(threads_.size());
+      threads_.emplace_back([this, index] { work(index); });
+      threads_.back().detach();
+    }
+  }
+
+  void work(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+      // Spin a little before sleeping: decode issues products back to back.
+      for (int spin = 0; spin < kSpins && generation_.load(std::memory_order_acquire) == seen; ++spin)
+        std::this_thread::yield();
+      bool helping;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_.load() != seen; });
+        seen = generation_.load();
+        helping = index < helpers_;
+      }
+      if (helping) {
+        take_parts();
+        pending_.fetch_sub(1, std::memory_order_release);
+      }
+    }
+  }
+
+  std::mutex run_mutex_, mutex_;
+  std::condition_variable wake_;
+  std::vector<std::thread> threads_;
+  const std::function<void(int)>* task_ = nullptr;
+  int parts_ = 0, helpers_ = 0;
+  std::atomic<int> next_{0};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  static constexpr int kSpins = 4000;
+};
+
+// Runs task(0) .. task(parts - 1) on up to `threads` threads (one part: on this thread).
+inline void run_parts(int parts, int threads, const std::function<void(int)>& task) {
+  if (parts <= 1 || threads <= 1) {
+    for (int part = 0; part < parts; ++part) task(part);
+    return;
+  }
+  WorkerPool::get().run(parts, threads, task);
+}
+
+}  // namespace qwen3vl

@@ -1,0 +1,318 @@
+// The decoder's small ops as single MLX primitives: RMSNorm, the q/k head
+// norm with rotary positions, one-query attention over the KV cache, and the
+// SwiGLU gate. On MLX's CPU backend `mx.fast.rms_norm`, `mx.fast.rope` and
+// `mx.fast.scaled_dot_product_attention` run as their composed fallbacks (5
+// to 20 ops each, ~4-5 us of dispatch per op) and `exp` costs ~12 ns per
+// element: in a 4-bit decode step these ops took ~26 ms around ~35 ms of
+// products. Here each is one op.
+//
+// Results are rounded where the fallbacks round (every op of a fallback
+// rounds to the input dtype), so they match MLX's path up to the order of
+// float32 sums and the last bit of exp, sin and cos.
+
+#include <array>
+#include <cmath>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace qwen3vl {
+namespace {
+
+// A primitive whose CPU work is one function of its inputs' data.
+class CpuOp : public mx::UnaryPrimitive {
+ public:
+  using Fn = std::function<void(const std::vector<mx::array>&, mx::array&)>;
+
+  CpuOp(mx::Stream stream, const char* name, Fn fn)
+      : mx::UnaryPrimitive(stream), name_(name), fn_(std::move(fn)) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
+    std::vector<mx::array> held;
+    for (auto& a : inputs) held.push_back(mx::array::unsafe_weak_copy(a));
+    encoder.dispatch([held = std::move(held), out = mx::array::unsafe_weak_copy(out),
+                      fn = fn_]() mutable { fn(held, out); });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error(std::string(name_) + " runs on the CPU only");
+  }
+
+  const char* name() const override { return name_; }
+
+ private:
+  const char* name_;
+  Fn fn_;
+};
+
+// Rounds a float32 value to T and back (what an MLX op on T arrays does).
+template <typename T>
+inline float round_to(float v) {
+  if constexpr (std::is_same_v<T, float>) return v;
+  else return static_cast<float>(T(v));
+}
+
+template <typename T>
+inline float to_float(T v) {
+  if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
+    uint16_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    return bf16_to_float(bits);
+  } else {
+    return static_cast<float>(v);
+  }
+}
+
+template <typename T>
+inline void to_floats(const T* src, float* dst, int n) {
+  for (int i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+// Sum of a[i] * b[i] in 16 partial sums (vectorizes without reassociating).
+inline float dot(const float* a, const float* b, int n) {
+  float partial[16] = {};
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) partial[j] += a[i + j] * b[i + j];
+  float sum = 0.f;
+  for (; i < n; ++i) sum += a[i] * b[i];
+  for (int j = 0; j < 16; ++j) sum += partial[j];
+  return sum;
+}
+
+// exp(x) in float32 within ~2 ulp (Cephes' expf), inlinable so that loops
+// over it vectorize; std::exp is a call per element.
+inline float exp_f32(float x) {
+  x = std::min(88.3762626647949f, std::max(-88.3762626647949f, x));
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+template <typename F>
+void dispatch_float(mx::Dtype dtype, F&& f) {
+  switch (dtype) {
+    case mx::float32: return f(float{});
+    case mx::bfloat16: return f(mx::bfloat16_t{});
+    default: return f(mx::float16_t{});
+  }
+}
+
+void check_float(const mx::array& a, const char* op, const char* what) {
+  if (a.dtype() != mx::float32 && a.dtype() != mx::bfloat16 && a.dtype() != mx::float16)
+    throw std::invalid_argument(std::string(op) + ": " + what + " must be floating point");
+}
+
+mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op) {
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu)
+    throw std::invalid_argument(std::string(op) + ": a CPU stream is required");
+  return stream;
+}
+
+// x * rsqrt(mean(x^2) + eps), rounded, times the weight, rounded.
+template <typename T>
+void normalize_row(const T* x, const T* weight, int n, float eps, float* out) {
+  to_floats(x, out, n);
+  const float mean_square = dot(out, out, n) * (1.f / n);
+  const float r = 1.f / std::sqrt(mean_square + eps);
+  for (int i = 0; i < n; ++i) out[i] = round_to<T>(round_to<T>(out[i] * r) * to_float(weight[i]));
+}
+
+}  // namespace
+
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s, "rms_norm");
+  check_float(x, "rms_norm", "x");
+  if (weight.dtype() != x.dtype() || weight.ndim() != 1 || x.ndim() < 1 ||
+      weight.shape(0) != x.shape(-1))
+    throw std::invalid_argument("rms_norm: weight must be [D] of x's dtype for x [..., D]");
+  auto fn = [eps](const std::vector<mx::array>& in, mx::array& out) {
+    const int n = in[0].shape(-1);
+    const size_t rows = in[0].size() / n;
+    std::vector<char> x_copy, w_copy;
+    const char* x = row_major_data(in[0], x_copy);
+    const char* w = row_major_data(in[1], w_copy);
+    std::vector<float> row(n);
+    dispatch_float(out.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      for (size_t r = 0; r < rows; ++r) {
+        normalize_row(reinterpret_cast<const T*>(x) + r * n, reinterpret_cast<const T*>(w), n,
+                      eps, row.data());
+        T* o = out.data<T>() + r * n;
+        for (int i = 0; i < n; ++i) o[i] = T(row[i]);
+      }
+    });
+  };
+  return mx::array(x.shape(), x.dtype(), std::make_shared<CpuOp>(stream, "RMSNormRows", fn),
+                   {x, weight});
+}
+
+mx::array norm_rope(const mx::array& x, const mx::array& weight, const mx::array& offsets,
+                    int n_heads, float eps, float base, mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s, "norm_rope");
+  check_float(x, "norm_rope", "x");
+  if (x.ndim() != 3 || n_heads <= 0 || x.shape(2) % n_heads != 0)
+    throw std::invalid_argument("norm_rope: x must be [B, L, n_heads * D]");
+  const int B = x.shape(0), L = x.shape(1), D = x.shape(2) / n_heads;
+  if (D % 2 != 0 || weight.dtype() != x.dtype() || weight.ndim() != 1 || weight.shape(0) != D)
+    throw std::invalid_argument("norm_rope: weight must be [D] of x's dtype, D even");
+  if (offsets.dtype() != mx::int32 || (offsets.size() != 1 && offsets.size() != size_t(B)))
+    throw std::invalid_argument("norm_rope: offsets must be int32, one or one per row");
+  auto fn = [n_heads, eps, base](const std::vector<mx::array>& in, mx::array& out) {
+    const int B = in[0].shape(0), L = in[0].shape(1), H = n_heads;
+    const int D = in[0].shape(2) / H, half = D / 2;
+    std::vector<char> x_copy, w_copy, o_copy;
+    const char* x = row_major_data(in[0], x_copy);
+    const char* w = row_major_data(in[1], w_copy);
+    const int32_t* offsets = reinterpret_cast<const int32_t*>(row_major_data(in[2], o_copy));
+    // As mx.fast.rope's fallback: inv_freq = exp(-i * log(base) / half), in float32.
+    std::vector<float> inv_freq(half), cosines(half), sines(half), row(D);
+    const float step = float(std::log(double(base)) / half);
+    for (int i = 0; i < half; ++i) inv_freq[i] = std::exp(float(-i) * step);
+    dispatch_float(out.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      for (int b = 0; b < B; ++b)
+        for (int l = 0; l < L; ++l) {
+          const float position = float(l) + float(offsets[in[2].size() == 1 ? 0 : b]);
+          for (int i = 0; i < half; ++i) {
+            const float theta = position * inv_freq[i];
+            cosines[i] = round_to<T>(std::cos(theta));
+            sines[i] = round_to<T>(std::sin(theta));
+          }
+          for (int h = 0; h < H; ++h) {
+            const T* src = reinterpret_cast<const T*>(x) + ((size_t(b) * L + l) * H + h) * D;
+            normalize_row(src, reinterpret_cast<const T*>(w), D, eps, row.data());
+            T* o = out.data<T>() + ((size_t(b) * H + h) * L + l) * D;
+            for (int i = 0; i < half; ++i) {
+              const float x1 = row[i], x2 = row[half + i];
+              o[i] = T(round_to<T>(x1 * cosines[i]) - round_to<T>(x2 * sines[i]));
+              o[half + i] = T(round_to<T>(x1 * sines[i]) + round_to<T>(x2 * cosines[i]));
+            }
+          }
+        }
+    });
+  };
+  return mx::array({B, n_heads, L, D}, x.dtype(), std::make_shared<CpuOp>(stream, "NormRope", fn),
+                   {x, weight, offsets});
+}
+
+mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v,
+                           float scale, int threads, mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s, "decode_attention");
+  check_float(q, "decode_attention", "q");
+  if (q.ndim() != 4 || k.ndim() != 4 || v.shape() != k.shape() || q.shape(2) != 1 ||
+      k.shape(0) != q.shape(0) || k.shape(3) != q.shape(3) || k.shape(2) < 1 ||
+      q.shape(1) % k.shape(1) != 0)
+    throw std::invalid_argument(
+        "decode_attention: expected q [B, H, 1, D] and k, v [B, Hkv, T, D] with H a multiple of Hkv");
+  if (k.dtype() != q.dtype() || v.dtype() != q.dtype())
+    throw std::invalid_argument("decode_attention: q, k and v must share a dtype");
+  if (threads < 1 || threads > 256)
+    throw std::invalid_argument("decode_attention: threads must be between 1 and 256");
+  auto fn = [scale, threads](const std::vector<mx::array>& in, mx::array& out) {
+    const mx::array &q = in[0], &k = in[1], &v = in[2];
+    const int B = q.shape(0), H = q.shape(1), D = q.shape(3);
+    const int KV = k.shape(1), T = k.shape(2), group = H / KV;
+    std::vector<char> q_copy, k_copy, v_copy;
+    const char* qd = row_major_data(q, q_copy);
+    // The cache hands over a slice [..., :T, :] of a longer buffer: read it in
+    // place when each position's D values are contiguous.
+    const bool k_direct = k.strides(3) == 1, v_direct = v.strides(3) == 1;
+    const char* kd = k_direct ? k.data<char>() : row_major_data(k, k_copy);
+    const char* vd = v_direct ? v.data<char>() : row_major_data(v, v_copy);
+    auto strides_of = [&](const mx::array& a, bool direct) {
+      if (direct) return std::array<int64_t, 3>{a.strides(0), a.strides(1), a.strides(2)};
+      return std::array<int64_t, 3>{int64_t(KV) * T * D, int64_t(T) * D, D};
+    };
+    const auto ks = strides_of(k, k_direct), vs = strides_of(v, v_direct);
+    dispatch_float(out.dtype(), [&](auto tag) {
+      using T_ = decltype(tag);
+      const float scale_t = round_to<T_>(scale);  // the fallback multiplies by scale in q's dtype
+      auto heads = [&](int part, int parts) {
+        std::vector<float> qs(D), kv_row(D), scores(T), acc(D);
+        const int pairs = B * KV;
+        for (int pair = pairs * part / parts; pair < pairs * (part + 1) / parts; ++pair) {
+          const int b = pair / KV, kvh = pair % KV;
+          const T_* kb = reinterpret_cast<const T_*>(kd) + b * ks[0] + kvh * ks[1];
+          const T_* vb = reinterpret_cast<const T_*>(vd) + b * vs[0] + kvh * vs[1];
+          for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
+            const T_* qh = reinterpret_cast<const T_*>(qd) + (size_t(b) * H + h) * D;
+            for (int d = 0; d < D; ++d) qs[d] = round_to<T_>(scale_t * to_float(qh[d]));
+            float top = -INFINITY;
+            for (int t = 0; t < T; ++t) {
+              to_floats(kb + t * ks[2], kv_row.data(), D);
+              scores[t] = round_to<T_>(dot(qs.data(), kv_row.data(), D));
+              top = std::max(top, scores[t]);
+            }
+            float total = 0.f;
+            for (int t = 0; t < T; ++t) total += scores[t] = exp_f32(scores[t] - top);
+            std::fill(acc.begin(), acc.end(), 0.f);
+            for (int t = 0; t < T; ++t) {
+              const float p = round_to<T_>(scores[t] / total);
+              to_floats(vb + t * vs[2], kv_row.data(), D);
+              for (int d = 0; d < D; ++d) acc[d] += p * kv_row[d];
+            }
+            T_* o = out.data<T_>() + (size_t(b) * H + h) * D;
+            for (int d = 0; d < D; ++d) o[d] = T_(acc[d]);
+          }
+        }
+      };
+      // Short caches are not worth waking the pool for.
+      const int parts = size_t(B) * H * T * D < (1u << 16) ? 1 : B * KV;
+      run_parts(parts, threads, [&](int part) { heads(part, parts); });
+    });
+  };
+  const int B = q.shape(0), H = q.shape(1), D = q.shape(3);
+  return mx::array({B, 1, H * D}, q.dtype(),
+                   std::make_shared<CpuOp>(stream, "DecodeAttention", fn), {q, k, v});
+}
+
+mx::array silu_mul(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s, "silu_mul");
+  check_float(gate, "silu_mul", "gate");
+  if (up.dtype() != gate.dtype() || up.shape() != gate.shape())
+    throw std::invalid_argument("silu_mul: gate and up must share shape and dtype");
+  auto fn = [](const std::vector<mx::array>& in, mx::array& out) {
+    const size_t n = out.size();
+    std::vector<char> g_copy, u_copy;
+    const char* g = row_major_data(in[0], g_copy);
+    const char* u = row_major_data(in[1], u_copy);
+    dispatch_float(out.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const T* gt = reinterpret_cast<const T*>(g);
+      const T* ut = reinterpret_cast<const T*>(u);
+      T* o = out.data<T>();
+      constexpr size_t kBlock = 256;
+      float block[kBlock];
+      for (size_t start = 0; start < n; start += kBlock) {
+        const int count = int(std::min(kBlock, n - start));
+        // nn.silu(g) * up: sigmoid, times g, times up; each rounded.
+        for (int i = 0; i < count; ++i) {
+          const float x = to_float(gt[start + i]);
+          const float sigmoid = round_to<T>(1.f / (1.f + exp_f32(-x)));
+          block[i] = round_to<T>(round_to<T>(x * sigmoid) * to_float(ut[start + i]));
+        }
+        for (int i = 0; i < count; ++i) o[start + i] = T(block[i]);
+      }
+    });
+  };
+  return mx::array(gate.shape(), gate.dtype(), std::make_shared<CpuOp>(stream, "SiluMul", fn),
+                   {gate, up});
+}
+
+}  // namespace qwen3vl

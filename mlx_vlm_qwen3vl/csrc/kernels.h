@@ -1,0 +1,29 @@
+// The primitives the extension exports (bound to Python in module.cpp).
+#pragma once
+
+#include <optional>
+
+#include "mlx/mlx.h"
+
+namespace qwen3vl {
+
+namespace mx = mlx::core;
+
+// Products (quantized_matvec.cpp).
+mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::array& scales,
+                           const mx::array& biases, int group_size, int bits, int threads,
+                           std::optional<mx::Dtype> dtype, mx::StreamOrDevice s);
+mx::array matmul_bf16(const mx::array& x, const mx::array& w, std::optional<mx::array> bias,
+                      int threads, std::optional<mx::Dtype> dtype, mx::StreamOrDevice s);
+bool has_dense_bf16();
+const char* kernel_name();
+
+// The decoder's small ops (decode_ops.cpp).
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s);
+mx::array norm_rope(const mx::array& x, const mx::array& weight, const mx::array& offsets,
+                    int n_heads, float eps, float base, mx::StreamOrDevice s);
+mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v,
+                           float scale, int threads, mx::StreamOrDevice s);
+mx::array silu_mul(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s);
+
+}  // namespace qwen3vl

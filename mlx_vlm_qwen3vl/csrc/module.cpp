@@ -1,0 +1,37 @@
+// Python bindings of the native CPU kernels (nanobind, in MLX's type domain).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/variant.h>
+
+#include "kernels.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+using namespace qwen3vl;
+
+NB_MODULE(_quantized_matvec, m) {
+  m.doc() = "Native CPU kernels for Qwen3-VL on MLX: products and the decoder's small ops.";
+  m.def("quantized_matvec", &quantized_matvec, "x"_a, "w"_a, "scales"_a, "biases"_a,
+        "group_size"_a, "bits"_a, nb::kw_only(), "threads"_a = 1, "dtype"_a = nb::none(),
+        "stream"_a = nb::none(),
+        "x @ dequantize(w, scales, biases).T (x in blocks of 8 rows), summed in\n"
+        "float32 and returned as `dtype` (default float32), on `threads` threads.");
+  m.def("matmul_bf16", &matmul_bf16, "x"_a, "w"_a, "bias"_a = nb::none(), nb::kw_only(),
+        "threads"_a = 1, "dtype"_a = nb::none(), "stream"_a = nb::none(),
+        "x @ w.T (+ bias) for bfloat16 x and w, summed in float32, returned as `dtype`\n"
+        "(default bfloat16), on `threads` threads. AVX-512 BF16 builds only.");
+  m.def("rms_norm", &rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "RMSNorm over the last axis, rounded as mx.fast.rms_norm's CPU fallback rounds.");
+  m.def("norm_rope", &norm_rope, "x"_a, "weight"_a, "offsets"_a, "n_heads"_a, "eps"_a, "base"_a,
+        nb::kw_only(), "stream"_a = nb::none(),
+        "x [B, L, n_heads * D] -> [B, n_heads, L, D]: RMSNorm of each head, then\n"
+        "rotary positions offsets[b] + l (mx.fast.rope, traditional=False).");
+  m.def("decode_attention", &decode_attention, "q"_a, "k"_a, "v"_a, "scale"_a, nb::kw_only(),
+        "threads"_a = 1, "stream"_a = nb::none(),
+        "Attention of one query per row, q [B, H, 1, D] over k, v [B, Hkv, T, D],\n"
+        "no mask; returns [B, 1, H * D].");
+  m.def("silu_mul", &silu_mul, "gate"_a, "up"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "silu(gate) * up, rounded as nn.silu(gate) * up rounds.");
+  m.def("has_dense_bf16", &has_dense_bf16, "Does this build have matmul_bf16?");
+  m.def("kernel_name", &kernel_name, "Which code path this build runs.");
+}

@@ -1,0 +1,76 @@
+"""The decoder's small ops, each one native op on MLX's CPU backend.
+
+On the CPU, MLX runs `mx.fast.rms_norm`, `mx.fast.rope` and
+`mx.fast.scaled_dot_product_attention` as their composed fallbacks (5-20 ops
+each, ~4-5 us of dispatch per op) and its `exp` costs ~12 ns per element: in
+a 4-bit decode step of the 2B shape these ops took ~26 ms beside ~35 ms of
+products. The native kernel (cpu_kernel.py, csrc/decode_ops.cpp) does each in
+one op, rounding where the fallbacks round. Off the CPU, without the kernel,
+or for inputs it does not take (explicit 3D positions, masks, quantized KV
+caches) these are exactly the MLX compositions.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_vlm.models.base import scaled_dot_product_attention
+from mlx_vlm.models.cache import KVCache
+
+from .layers import cpu_policy
+from .parallel import worker_count
+
+_FLOATS = (mx.float32, mx.bfloat16, mx.float16)
+
+
+def _kernel(x: mx.array, *others: mx.array):
+    """The native kernel when it takes ops on x (and others of x's dtype)."""
+    if not cpu_policy()[0] or x.dtype not in _FLOATS:
+        return None
+    if any(a.dtype != x.dtype for a in others):
+        return None
+    from mlx_vlm_qwen3vl import cpu_kernel
+
+    return cpu_kernel.load()
+
+
+class RMSNorm(nn.RMSNorm):
+    def __call__(self, x: mx.array) -> mx.array:
+        kernel = _kernel(x, self.weight)
+        if kernel is None:
+            return super().__call__(x)
+        return kernel.rms_norm(x, self.weight, self.eps)
+
+
+def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
+    """The SwiGLU gate, silu(gate) * up."""
+    kernel = _kernel(gate, up)
+    if kernel is None:
+        return nn.silu(gate) * up
+    return kernel.silu_mul(gate, up)
+
+
+def norm_rope(x: mx.array, norm: nn.RMSNorm, rope, positions, n_heads: int) -> mx.array:
+    """Projected queries or keys [B, L, n_heads * D] -> per-head RMSNorm and
+    rotary positions, [B, n_heads, L, D]."""
+    kernel = _kernel(x, norm.weight)
+    if kernel is None or isinstance(positions, tuple):
+        B, L, _ = x.shape
+        heads = norm(x.reshape(B, L, n_heads, -1)).transpose(0, 2, 1, 3)
+        return rope.apply(heads, positions)
+    if isinstance(positions, mx.array):
+        offsets = positions.astype(mx.int32).reshape(-1)
+    else:
+        offsets = mx.array([positions], dtype=mx.int32)
+    return kernel.norm_rope(x, norm.weight, offsets, n_heads, norm.eps, rope.base)
+
+
+def attention(q, k, v, cache, scale: float, mask) -> mx.array:
+    """Attention of q [B, H, L, D] over the keys and values the cache returned,
+    as [B, L, H * D]. One query without a mask over a plain cache is native."""
+    B, H, L, _ = q.shape
+    plain_cache = cache is None or type(cache) is KVCache
+    if L == 1 and mask is None and plain_cache and isinstance(k, mx.array):
+        kernel = _kernel(q, k, v)
+        if kernel is not None:
+            return kernel.decode_attention(q, k, v, scale, threads=worker_count())
+    out = scaled_dot_product_attention(q, k, v, cache, scale=scale, mask=mask)
+    return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
