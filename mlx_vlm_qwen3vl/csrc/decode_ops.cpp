@@ -50,26 +50,71 @@ class CpuOp : public mx::UnaryPrimitive {
 };
 
 // Rounds a float32 value to T and back (what an MLX op on T arrays does).
+// bfloat16: to nearest even on the bits, branch-free so that loops vectorize
+// (NaN stays NaN, overflow goes to infinity, as MLX's conversion does).
 template <typename T>
 inline float round_to(float v) {
-  if constexpr (std::is_same_v<T, float>) return v;
-  else return static_cast<float>(T(v));
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000u;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+  } else {
+    return static_cast<float>(T(v));
+  }
 }
 
+// How T is stored: bfloat16 as its raw bits, so that loops over it vectorize
+// (MLX's bfloat16_t is a struct the vectorizer has no vector type for).
 template <typename T>
-inline float to_float(T v) {
+using Storage = std::conditional_t<std::is_same_v<T, mx::bfloat16_t>, uint16_t, T>;
+
+template <typename T>
+inline float to_float(Storage<T> v) {
+  if constexpr (std::is_same_v<T, mx::bfloat16_t>) return bf16_to_float(v);
+  else return static_cast<float>(v);
+}
+
+// A float32 value already rounded to T, stored as T (exact: no rounding left).
+template <typename T>
+inline Storage<T> from_rounded(float v) {
   if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
-    uint16_t bits;
+    uint32_t bits;
     std::memcpy(&bits, &v, sizeof bits);
-    return bf16_to_float(bits);
+    return uint16_t(bits >> 16);
   } else {
-    return static_cast<float>(v);
+    return T(v);
   }
 }
 
 template <typename T>
-inline void to_floats(const T* src, float* dst, int n) {
-  for (int i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+inline Storage<T> round_and_store(float v) {
+  return from_rounded<T>(round_to<T>(v));
+}
+
+template <typename T>
+inline void to_floats(const Storage<T>* src, float* dst, int n) {
+  for (int i = 0; i < n; ++i) dst[i] = to_float<T>(src[i]);
+}
+
+template <typename T>
+inline const Storage<T>* elements(const char* data) {
+  return reinterpret_cast<const Storage<T>*>(data);
+}
+
+template <typename T>
+inline Storage<T>* elements(mx::array& out) {
+  return reinterpret_cast<Storage<T>*>(out.data<char>());
+}
+
+// The sum of 16 partial sums, pairwise (a short dependency chain).
+inline float reduce16(float* partial) {
+  for (int width = 8; width >= 1; width /= 2)
+    for (int j = 0; j < width; ++j) partial[j] += partial[j + width];
+  return partial[0];
 }
 
 // Sum of a[i] * b[i] in 16 partial sums (vectorizes without reassociating).
@@ -78,17 +123,26 @@ inline float dot(const float* a, const float* b, int n) {
   int i = 0;
   for (; i + 16 <= n; i += 16)
     for (int j = 0; j < 16; ++j) partial[j] += a[i + j] * b[i + j];
-  float sum = 0.f;
-  for (; i < n; ++i) sum += a[i] * b[i];
-  for (int j = 0; j < 16; ++j) sum += partial[j];
-  return sum;
+  for (; i < n; ++i) partial[i % 16] += a[i] * b[i];
+  return reduce16(partial);
 }
 
-// exp(x) in float32 within ~2 ulp (Cephes' expf), inlinable so that loops
-// over it vectorize; std::exp is a call per element.
+inline float sum(const float* a, int n) {
+  float partial[16] = {};
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) partial[j] += a[i + j];
+  for (; i < n; ++i) partial[i % 16] += a[i];
+  return reduce16(partial);
+}
+
+// exp(x) in float32 within ~2 ulp (Cephes' expf), written so that loops over
+// it vectorize (std::exp is a call per element, std::floor stops GCC).
+// Arguments are clamped to [-87.33, 88]: results stay finite and normal.
 inline float exp_f32(float x) {
-  x = std::min(88.3762626647949f, std::max(-88.3762626647949f, x));
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  x = std::min(88.f, std::max(-87.33f, x));
+  const float t = x * 1.44269504088896341f;
+  const float n = float(int32_t(t + (t >= 0.f ? 0.5f : -0.5f)));  // nearest integer
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -126,11 +180,11 @@ mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op) {
 
 // x * rsqrt(mean(x^2) + eps), rounded, times the weight, rounded.
 template <typename T>
-void normalize_row(const T* x, const T* weight, int n, float eps, float* out) {
-  to_floats(x, out, n);
+void normalize_row(const Storage<T>* x, const Storage<T>* weight, int n, float eps, float* out) {
+  to_floats<T>(x, out, n);
   const float mean_square = dot(out, out, n) * (1.f / n);
   const float r = 1.f / std::sqrt(mean_square + eps);
-  for (int i = 0; i < n; ++i) out[i] = round_to<T>(round_to<T>(out[i] * r) * to_float(weight[i]));
+  for (int i = 0; i < n; ++i) out[i] = round_to<T>(round_to<T>(out[i] * r) * to_float<T>(weight[i]));
 }
 
 }  // namespace
@@ -151,10 +205,9 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::S
     dispatch_float(out.dtype(), [&](auto tag) {
       using T = decltype(tag);
       for (size_t r = 0; r < rows; ++r) {
-        normalize_row(reinterpret_cast<const T*>(x) + r * n, reinterpret_cast<const T*>(w), n,
-                      eps, row.data());
-        T* o = out.data<T>() + r * n;
-        for (int i = 0; i < n; ++i) o[i] = T(row[i]);
+        normalize_row<T>(elements<T>(x) + r * n, elements<T>(w), n, eps, row.data());
+        Storage<T>* o = elements<T>(out) + r * n;
+        for (int i = 0; i < n; ++i) o[i] = from_rounded<T>(row[i]);
       }
     });
   };
@@ -195,13 +248,13 @@ mx::array norm_rope(const mx::array& x, const mx::array& weight, const mx::array
             sines[i] = round_to<T>(std::sin(theta));
           }
           for (int h = 0; h < H; ++h) {
-            const T* src = reinterpret_cast<const T*>(x) + ((size_t(b) * L + l) * H + h) * D;
-            normalize_row(src, reinterpret_cast<const T*>(w), D, eps, row.data());
-            T* o = out.data<T>() + ((size_t(b) * H + h) * L + l) * D;
+            const Storage<T>* src = elements<T>(x) + ((size_t(b) * L + l) * H + h) * D;
+            normalize_row<T>(src, elements<T>(w), D, eps, row.data());
+            Storage<T>* o = elements<T>(out) + ((size_t(b) * H + h) * L + l) * D;
             for (int i = 0; i < half; ++i) {
               const float x1 = row[i], x2 = row[half + i];
-              o[i] = T(round_to<T>(x1 * cosines[i]) - round_to<T>(x2 * sines[i]));
-              o[half + i] = T(round_to<T>(x1 * sines[i]) + round_to<T>(x2 * cosines[i]));
+              o[i] = round_and_store<T>(round_to<T>(x1 * cosines[i]) - round_to<T>(x2 * sines[i]));
+              o[half + i] = round_and_store<T>(round_to<T>(x1 * sines[i]) + round_to<T>(x2 * cosines[i]));
             }
           }
         }
@@ -243,32 +296,42 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
     dispatch_float(out.dtype(), [&](auto tag) {
       using T_ = decltype(tag);
       const float scale_t = round_to<T_>(scale);  // the fallback multiplies by scale in q's dtype
+      // The `group` query heads of one KV head share each converted K and V row.
       auto heads = [&](int part, int parts) {
-        std::vector<float> qs(D), kv_row(D), scores(T), acc(D);
+        std::vector<float> qs(size_t(group) * D), row(D), scores(size_t(group) * T);
+        std::vector<float> acc(size_t(group) * D), totals(group);
         const int pairs = B * KV;
         for (int pair = pairs * part / parts; pair < pairs * (part + 1) / parts; ++pair) {
-          const int b = pair / KV, kvh = pair % KV;
-          const T_* kb = reinterpret_cast<const T_*>(kd) + b * ks[0] + kvh * ks[1];
-          const T_* vb = reinterpret_cast<const T_*>(vd) + b * vs[0] + kvh * vs[1];
-          for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
-            const T_* qh = reinterpret_cast<const T_*>(qd) + (size_t(b) * H + h) * D;
-            for (int d = 0; d < D; ++d) qs[d] = round_to<T_>(scale_t * to_float(qh[d]));
-            float top = -INFINITY;
-            for (int t = 0; t < T; ++t) {
-              to_floats(kb + t * ks[2], kv_row.data(), D);
-              scores[t] = round_to<T_>(dot(qs.data(), kv_row.data(), D));
-              top = std::max(top, scores[t]);
+          const int b = pair / KV, kvh = pair % KV, h0 = kvh * group;
+          const Storage<T_>* kb = elements<T_>(kd) + b * ks[0] + kvh * ks[1];
+          const Storage<T_>* vb = elements<T_>(vd) + b * vs[0] + kvh * vs[1];
+          for (int g = 0; g < group; ++g) {
+            const Storage<T_>* qh = elements<T_>(qd) + (size_t(b) * H + h0 + g) * D;
+            for (int d = 0; d < D; ++d) qs[g * D + d] = round_to<T_>(scale_t * to_float<T_>(qh[d]));
+          }
+          for (int t = 0; t < T; ++t) {
+            to_floats<T_>(kb + t * ks[2], row.data(), D);
+            for (int g = 0; g < group; ++g)
+              scores[size_t(g) * T + t] = round_to<T_>(dot(qs.data() + g * D, row.data(), D));
+          }
+          for (int g = 0; g < group; ++g) {
+            float* s = scores.data() + size_t(g) * T;
+            const float top = *std::max_element(s, s + T);
+            for (int t = 0; t < T; ++t) s[t] = exp_f32(s[t] - top);
+            totals[g] = sum(s, T);
+          }
+          std::fill(acc.begin(), acc.end(), 0.f);
+          for (int t = 0; t < T; ++t) {
+            to_floats<T_>(vb + t * vs[2], row.data(), D);
+            for (int g = 0; g < group; ++g) {
+              const float p = round_to<T_>(scores[size_t(g) * T + t] / totals[g]);
+              float* a = acc.data() + g * D;
+              for (int d = 0; d < D; ++d) a[d] += p * row[d];
             }
-            float total = 0.f;
-            for (int t = 0; t < T; ++t) total += scores[t] = exp_f32(scores[t] - top);
-            std::fill(acc.begin(), acc.end(), 0.f);
-            for (int t = 0; t < T; ++t) {
-              const float p = round_to<T_>(scores[t] / total);
-              to_floats(vb + t * vs[2], kv_row.data(), D);
-              for (int d = 0; d < D; ++d) acc[d] += p * kv_row[d];
-            }
-            T_* o = out.data<T_>() + (size_t(b) * H + h) * D;
-            for (int d = 0; d < D; ++d) o[d] = T_(acc[d]);
+          }
+          for (int g = 0; g < group; ++g) {
+            Storage<T_>* o = elements<T_>(out) + (size_t(b) * H + h0 + g) * D;
+            for (int d = 0; d < D; ++d) o[d] = round_and_store<T_>(acc[g * D + d]);
           }
         }
       };
@@ -294,20 +357,20 @@ mx::array silu_mul(const mx::array& gate, const mx::array& up, mx::StreamOrDevic
     const char* u = row_major_data(in[1], u_copy);
     dispatch_float(out.dtype(), [&](auto tag) {
       using T = decltype(tag);
-      const T* gt = reinterpret_cast<const T*>(g);
-      const T* ut = reinterpret_cast<const T*>(u);
-      T* o = out.data<T>();
+      const Storage<T>* gt = elements<T>(g);
+      const Storage<T>* ut = elements<T>(u);
+      Storage<T>* o = elements<T>(out);
       constexpr size_t kBlock = 256;
       float block[kBlock];
       for (size_t start = 0; start < n; start += kBlock) {
         const int count = int(std::min(kBlock, n - start));
         // nn.silu(g) * up: sigmoid, times g, times up; each rounded.
         for (int i = 0; i < count; ++i) {
-          const float x = to_float(gt[start + i]);
+          const float x = to_float<T>(gt[start + i]);
           const float sigmoid = round_to<T>(1.f / (1.f + exp_f32(-x)));
-          block[i] = round_to<T>(round_to<T>(x * sigmoid) * to_float(ut[start + i]));
+          block[i] = round_to<T>(round_to<T>(x * sigmoid) * to_float<T>(ut[start + i]));
         }
-        for (int i = 0; i < count; ++i) o[start + i] = T(block[i]);
+        for (int i = 0; i < count; ++i) o[start + i] = from_rounded<T>(block[i]);
       }
     });
   };

@@ -12,8 +12,11 @@ caches) these are exactly the MLX compositions.
 
 import mlx.core as mx
 import mlx.nn as nn
+
 from mlx_vlm.models.base import scaled_dot_product_attention
 from mlx_vlm.models.cache import KVCache
+
+from mlx_vlm_qwen3vl import cpu_kernel
 
 from .layers import cpu_policy
 from .parallel import worker_count
@@ -27,8 +30,6 @@ def _kernel(x: mx.array, *others: mx.array):
         return None
     if any(a.dtype != x.dtype for a in others):
         return None
-    from mlx_vlm_qwen3vl import cpu_kernel
-
     return cpu_kernel.load()
 
 

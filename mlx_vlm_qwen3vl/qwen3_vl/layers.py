@@ -36,6 +36,8 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_vlm_qwen3vl import cpu_kernel
+
 from .parallel import split_axis, worker_count
 
 # Up to this many rows a quantized product stays with the native kernel even
@@ -111,8 +113,6 @@ def _native_kernel(layer, x: mx.array):
         return None
     if _rows(x) > QUANTIZED_KERNEL_MAX_ROWS and cpu_policy()[1]:
         return None
-    from mlx_vlm_qwen3vl import cpu_kernel
-
     return cpu_kernel.load()
 
 
@@ -170,8 +170,6 @@ def _native_dense_kernel(x: mx.array, weight: mx.array):
         return None
     if _rows(x) > 1 and cpu_policy()[1]:
         return None
-    from mlx_vlm_qwen3vl import cpu_kernel
-
     kernel = cpu_kernel.load()
     return kernel if kernel is not None and kernel.has_dense_bf16() else None
 

@@ -29,7 +29,9 @@ MAX_WORKERS = 8
 MIN_SLICE = 32
 
 
+@lru_cache(maxsize=None)
 def _available_cores() -> int:
+    """Asked once: every product of every decode step wants the count."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
