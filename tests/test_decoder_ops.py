@@ -92,6 +92,22 @@ def test_decode_attention_matches_sdpa_over_a_cache_slice(kernel, dtype, length)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("kind", ["boolean", "additive"])
+def test_decode_attention_takes_the_batch_caches_padding_mask(kernel, dtype, kind):
+    keys = normal((3, 2, 64, 32), 11, dtype)[..., :40, :]
+    values = normal((3, 2, 64, 32), 12, dtype)[..., :40, :]
+    q = normal((3, 4, 1, 32), 13, dtype)
+    if kind == "boolean":  # as BatchKVCache makes it; row 2 has every key masked
+        mask = mx.random.uniform(shape=(3, 1, 1, 40), key=mx.random.key(14)) > 0.3
+        mask = mask * mx.array([True, True, False]).reshape(3, 1, 1, 1)
+    else:
+        mask = normal((3, 4, 1, 40), 15, dtype, 2.0)
+    want = mx.fast.scaled_dot_product_attention(q, keys, values, scale=0.17, mask=mask)
+    got = kernel.decode_attention(q, keys, values, 0.17, mask, threads=2)
+    assert_close(got, want.transpose(0, 2, 1, 3).reshape(3, 1, -1), dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
 def test_silu_mul_matches_nn_silu_times_up(kernel, dtype):
     gate = normal((1, 3, 1000), 9, dtype, 4.0)  # exp over a wide range, both signs
     up = normal((1, 3, 1000), 10, dtype)
@@ -116,6 +132,7 @@ def test_silu_mul_is_exact_at_the_extremes(kernel):
         (lambda k: k.norm_rope(mx.ones((1, 2, 12)), mx.ones((4,)), mx.array([0.0]), 3, 1e-6, 1e4), "int32"),
         (lambda k: k.decode_attention(mx.ones((1, 4, 2, 8)), mx.ones((1, 2, 5, 8)), mx.ones((1, 2, 5, 8)), 1.0), r"q \[B, H, 1, D\]"),
         (lambda k: k.decode_attention(mx.ones((1, 3, 1, 8)), mx.ones((1, 2, 5, 8)), mx.ones((1, 2, 5, 8)), 1.0), "multiple"),
+        (lambda k: k.decode_attention(mx.ones((1, 2, 1, 8)), mx.ones((1, 2, 5, 8)), mx.ones((1, 2, 5, 8)), 1.0, mx.ones((1, 1, 1, 4), mx.bool_)), "mask must be"),
         (lambda k: k.silu_mul(mx.ones((4,)), mx.ones((5,))), "share"),
     ],
 )

@@ -157,6 +157,14 @@ inline float exp_f32(float x) {
   return y * scale;
 }
 
+// The lowest finite value of T, as float32 (what the fallback puts in masked scores).
+template <typename T>
+inline float lowest() {
+  if constexpr (std::is_same_v<T, float>) return -3.4028234663852886e38f;
+  else if constexpr (std::is_same_v<T, mx::bfloat16_t>) return -3.3895313892515355e38f;
+  else return -65504.f;
+}
+
 template <typename F>
 void dispatch_float(mx::Dtype dtype, F&& f) {
   switch (dtype) {
@@ -265,7 +273,8 @@ mx::array norm_rope(const mx::array& x, const mx::array& weight, const mx::array
 }
 
 mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v,
-                           float scale, int threads, mx::StreamOrDevice s) {
+                           float scale, std::optional<mx::array> mask, int threads,
+                           mx::StreamOrDevice s) {
   auto stream = cpu_stream(s, "decode_attention");
   check_float(q, "decode_attention", "q");
   if (q.ndim() != 4 || k.ndim() != 4 || v.shape() != k.shape() || q.shape(2) != 1 ||
@@ -277,12 +286,24 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
     throw std::invalid_argument("decode_attention: q, k and v must share a dtype");
   if (threads < 1 || threads > 256)
     throw std::invalid_argument("decode_attention: threads must be between 1 and 256");
+  if (mask) {
+    const auto& m = *mask;
+    const bool shape_ok = m.ndim() == 4 && (m.shape(0) == 1 || m.shape(0) == q.shape(0)) &&
+                          (m.shape(1) == 1 || m.shape(1) == q.shape(1)) && m.shape(2) == 1 &&
+                          m.shape(3) == k.shape(2);
+    if (!shape_ok || (m.dtype() != mx::bool_ && m.dtype() != q.dtype()))
+      throw std::invalid_argument(
+          "decode_attention: mask must be [B or 1, H or 1, 1, T], boolean (false = masked) "
+          "or additive in q's dtype");
+  }
   auto fn = [scale, threads](const std::vector<mx::array>& in, mx::array& out) {
     const mx::array &q = in[0], &k = in[1], &v = in[2];
+    const mx::array* mask = in.size() > 3 ? &in[3] : nullptr;
     const int B = q.shape(0), H = q.shape(1), D = q.shape(3);
     const int KV = k.shape(1), T = k.shape(2), group = H / KV;
-    std::vector<char> q_copy, k_copy, v_copy;
+    std::vector<char> q_copy, k_copy, v_copy, m_copy;
     const char* qd = row_major_data(q, q_copy);
+    const char* md = mask ? row_major_data(*mask, m_copy) : nullptr;
     // The cache hands over a slice [..., :T, :] of a longer buffer: read it in
     // place when each position's D values are contiguous.
     const bool k_direct = k.strides(3) == 1, v_direct = v.strides(3) == 1;
@@ -314,6 +335,21 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
             for (int g = 0; g < group; ++g)
               scores[size_t(g) * T + t] = round_to<T_>(dot(qs.data() + g * D, row.data(), D));
           }
+          // As the fallback: masked scores become the dtype's lowest value (a
+          // row with every key masked then attends to all of them evenly);
+          // additive masks are added in the dtype.
+          for (int g = 0; mask && g < group; ++g) {
+            const size_t m_row = (mask->shape(0) == 1 ? 0 : size_t(b)) * mask->shape(1) +
+                                 (mask->shape(1) == 1 ? 0 : size_t(h0 + g));
+            float* s = scores.data() + size_t(g) * T;
+            if (mask->dtype() == mx::bool_) {
+              const bool* m = reinterpret_cast<const bool*>(md) + m_row * T;
+              for (int t = 0; t < T; ++t) s[t] = m[t] ? s[t] : lowest<T_>();
+            } else {
+              const Storage<T_>* m = elements<T_>(md) + m_row * T;
+              for (int t = 0; t < T; ++t) s[t] = round_to<T_>(s[t] + to_float<T_>(m[t]));
+            }
+          }
           for (int g = 0; g < group; ++g) {
             float* s = scores.data() + size_t(g) * T;
             const float top = *std::max_element(s, s + T);
@@ -341,8 +377,10 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
     });
   };
   const int B = q.shape(0), H = q.shape(1), D = q.shape(3);
+  std::vector<mx::array> inputs = {q, k, v};
+  if (mask) inputs.push_back(*mask);
   return mx::array({B, 1, H * D}, q.dtype(),
-                   std::make_shared<CpuOp>(stream, "DecodeAttention", fn), {q, k, v});
+                   std::make_shared<CpuOp>(stream, "DecodeAttention", fn), std::move(inputs));
 }
 
 mx::array silu_mul(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s) {

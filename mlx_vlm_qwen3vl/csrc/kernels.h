@@ -23,7 +23,8 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::S
 mx::array norm_rope(const mx::array& x, const mx::array& weight, const mx::array& offsets,
                     int n_heads, float eps, float base, mx::StreamOrDevice s);
 mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v,
-                           float scale, int threads, mx::StreamOrDevice s);
+                           float scale, std::optional<mx::array> mask, int threads,
+                           mx::StreamOrDevice s);
 mx::array silu_mul(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s);
 
 }  // namespace qwen3vl

@@ -26,10 +26,10 @@ NB_MODULE(_quantized_matvec, m) {
         nb::kw_only(), "stream"_a = nb::none(),
         "x [B, L, n_heads * D] -> [B, n_heads, L, D]: RMSNorm of each head, then\n"
         "rotary positions offsets[b] + l (mx.fast.rope, traditional=False).");
-  m.def("decode_attention", &decode_attention, "q"_a, "k"_a, "v"_a, "scale"_a, nb::kw_only(),
-        "threads"_a = 1, "stream"_a = nb::none(),
-        "Attention of one query per row, q [B, H, 1, D] over k, v [B, Hkv, T, D],\n"
-        "no mask; returns [B, 1, H * D].");
+  m.def("decode_attention", &decode_attention, "q"_a, "k"_a, "v"_a, "scale"_a,
+        "mask"_a = nb::none(), nb::kw_only(), "threads"_a = 1, "stream"_a = nb::none(),
+        "Attention of one query per row, q [B, H, 1, D] over k, v [B, Hkv, T, D], with an\n"
+        "optional mask [B or 1, H or 1, 1, T] (boolean or additive); returns [B, 1, H * D].");
   m.def("silu_mul", &silu_mul, "gate"_a, "up"_a, nb::kw_only(), "stream"_a = nb::none(),
         "silu(gate) * up, rounded as nn.silu(gate) * up rounds.");
   m.def("has_dense_bf16", &has_dense_bf16, "Does this build have matmul_bf16?");

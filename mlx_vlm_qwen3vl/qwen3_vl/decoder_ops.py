@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_vlm.models.base import scaled_dot_product_attention
-from mlx_vlm.models.cache import KVCache
+from mlx_vlm.models.cache import BatchKVCache, KVCache
 
 from mlx_vlm_qwen3vl import cpu_kernel
 
@@ -57,8 +57,8 @@ def norm_rope(x: mx.array, norm: nn.RMSNorm, rope, positions, n_heads: int) -> m
         B, L, _ = x.shape
         heads = norm(x.reshape(B, L, n_heads, -1)).transpose(0, 2, 1, 3)
         return rope.apply(heads, positions)
-    if isinstance(positions, mx.array):
-        offsets = positions.astype(mx.int32).reshape(-1)
+    if isinstance(positions, mx.array):  # one offset or one per row, any shape
+        offsets = positions if positions.dtype == mx.int32 else positions.astype(mx.int32)
     else:
         offsets = mx.array([positions], dtype=mx.int32)
     return kernel.norm_rope(x, norm.weight, offsets, n_heads, norm.eps, rope.base)
@@ -66,12 +66,25 @@ def norm_rope(x: mx.array, norm: nn.RMSNorm, rope, positions, n_heads: int) -> m
 
 def attention(q, k, v, cache, scale: float, mask) -> mx.array:
     """Attention of q [B, H, L, D] over the keys and values the cache returned,
-    as [B, L, H * D]. One query without a mask over a plain cache is native."""
+    as [B, L, H * D]. One query over a plain or batch cache (its padding
+    mask included) is native."""
     B, H, L, _ = q.shape
-    plain_cache = cache is None or type(cache) is KVCache
-    if L == 1 and mask is None and plain_cache and isinstance(k, mx.array):
+    if L == 1 and type(cache) in _NATIVE_CACHES and isinstance(k, mx.array) and _one_query_mask(mask, q):
         kernel = _kernel(q, k, v)
         if kernel is not None:
-            return kernel.decode_attention(q, k, v, scale, threads=worker_count())
+            return kernel.decode_attention(q, k, v, scale, mask, threads=worker_count())
     out = scaled_dot_product_attention(q, k, v, cache, scale=scale, mask=mask)
     return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+
+
+# Caches that hand back plain key and value arrays (no quantized state).
+_NATIVE_CACHES = (type(None), KVCache, BatchKVCache)
+
+
+def _one_query_mask(mask, q) -> bool:
+    """None, or a [B or 1, H or 1, 1, T] boolean or additive mask the kernel takes."""
+    if mask is None:
+        return True
+    if not isinstance(mask, mx.array) or mask.ndim != 4 or mask.shape[2] != 1:
+        return False
+    return mask.dtype in (mx.bool_, q.dtype) and mask.shape[1] in (1, q.shape[1])
