@@ -10,6 +10,7 @@
 #include <functional>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <stdexcept>
 #include <thread>
 #include <type_traits>
@@ -160,6 +161,41 @@ class WorkerPool {
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> pending_{0};
   static constexpr int kSpins = 4000;
+};
+
+// A primitive whose CPU work is one function of its inputs' data, run on the
+// stream's thread. `check` runs first, where MLX evaluates the op, so that it
+// can reject inputs (strides are only known then) with an exception.
+class CpuOp : public mx::UnaryPrimitive {
+ public:
+  using Fn = std::function<void(const std::vector<mx::array>&, mx::array&)>;
+  using Check = std::function<void(const std::vector<mx::array>&)>;
+
+  CpuOp(mx::Stream stream, const char* name, Fn fn, Check check = nullptr)
+      : mx::UnaryPrimitive(stream), name_(name), fn_(std::move(fn)), check_(std::move(check)) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    if (check_) check_(inputs);
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
+    std::vector<mx::array> held;
+    for (auto& a : inputs) held.push_back(mx::array::unsafe_weak_copy(a));
+    encoder.dispatch([held = std::move(held), out = mx::array::unsafe_weak_copy(out),
+                      fn = fn_]() mutable { fn(held, out); });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error(std::string(name_) + " runs on the CPU only");
+  }
+
+  const char* name() const override { return name_; }
+
+ private:
+  const char* name_;
+  Fn fn_;
+  Check check_;
 };
 
 // Runs task(0) .. task(parts - 1) on up to `threads` threads (one part: on this thread).

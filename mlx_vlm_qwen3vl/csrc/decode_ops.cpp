@@ -19,36 +19,6 @@
 namespace qwen3vl {
 namespace {
 
-// A primitive whose CPU work is one function of its inputs' data.
-class CpuOp : public mx::UnaryPrimitive {
- public:
-  using Fn = std::function<void(const std::vector<mx::array>&, mx::array&)>;
-
-  CpuOp(mx::Stream stream, const char* name, Fn fn)
-      : mx::UnaryPrimitive(stream), name_(name), fn_(std::move(fn)) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& a : inputs) encoder.set_input_array(a);
-    encoder.set_output_array(out);
-    std::vector<mx::array> held;
-    for (auto& a : inputs) held.push_back(mx::array::unsafe_weak_copy(a));
-    encoder.dispatch([held = std::move(held), out = mx::array::unsafe_weak_copy(out),
-                      fn = fn_]() mutable { fn(held, out); });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error(std::string(name_) + " runs on the CPU only");
-  }
-
-  const char* name() const override { return name_; }
-
- private:
-  const char* name_;
-  Fn fn_;
-};
-
 // Rounds a float32 value to T and back (what an MLX op on T arrays does).
 // bfloat16: to nearest even on the bits, branch-free so that loops vectorize
 // (NaN stays NaN, overflow goes to infinity, as MLX's conversion does).

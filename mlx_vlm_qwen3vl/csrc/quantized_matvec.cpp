@@ -257,72 +257,46 @@ void matvec(const Problem& p, int threads) {
   });
 }
 
-class QuantizedMatvec : public mx::UnaryPrimitive {
- public:
-  QuantizedMatvec(mx::Stream stream, int group_size, int bits, int threads)
-      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits), threads_(threads) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    for (int i = 1; i < 4; ++i)
-      if (inputs[i].strides(-1) != 1)
-        throw std::invalid_argument(
-            "quantized_matvec: the rows of w, scales and biases must be contiguous");
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& a : inputs) encoder.set_input_array(a);
-    encoder.set_output_array(out);
-    encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]),
-                      w = mx::array::unsafe_weak_copy(inputs[1]),
-                      s = mx::array::unsafe_weak_copy(inputs[2]),
-                      b = mx::array::unsafe_weak_copy(inputs[3]),
-                      out = mx::array::unsafe_weak_copy(out),
-                      group_size = group_size_, bits = bits_,
-                      threads = threads_]() mutable {
-      const int in_features = x.shape(-1);
-      const int rows = x.size() / in_features;
-      const int groups = in_features / group_size;
-      const int out_features = out.shape(-1);
-      std::vector<char> x_copy;  // when x is a strided view
-      const char* x_data = row_major_data(x, x_copy);
-      // Blocks of up to kMaxRows rows: each streams the weights once.
-      std::vector<float> xf(size_t(kMaxRows) * in_features), sums(size_t(kMaxRows) * groups);
-      std::vector<float> out_f32(out.dtype() == mx::float32 ? 0 : size_t(kMaxRows) * out_features);
-      for (int first = 0; first < rows; first += kMaxRows) {
-        const int block = std::min(kMaxRows, rows - first);
-        const char* x_block = x_data + size_t(first) * in_features * x.itemsize();
-        load_floats(x_block, x.dtype(), 0, size_t(block) * in_features, xf.data());
-        std::fill(sums.begin(), sums.end(), 0.f);
-        for (int m = 0; m < block; ++m)
-          for (int g = 0; g < groups; ++g)
-            for (int i = 0; i < group_size; ++i)
-              sums[m * groups + g] += xf[size_t(m) * in_features + g * group_size + i];
-        float* results = out_f32.empty() ? out.data<float>() + size_t(first) * out_features
-                                         : out_f32.data();
-        Problem p{block, in_features, out_features, group_size, bits, /*first_row=*/0,
-                  w.data<uint8_t>(), size_t(w.strides(0)) * w.itemsize(), &s, &b, xf.data(),
-                  x.dtype() == mx::bfloat16 ? reinterpret_cast<const uint16_t*>(x_block) : nullptr,
-                  sums.data(), results, out_features};
-        matvec(p, threads);
-        if (!out_f32.empty())
-          store_as(results, size_t(block) * out_features, out, size_t(first) * out_features);
-      }
-    });
+// The rows of x in blocks of up to kMaxRows: each block streams the weights once.
+void quantized_matvec_rows(const mx::array& x, const mx::array& w, const mx::array& s,
+                           const mx::array& b, mx::array& out, int group_size, int bits,
+                           int threads) {
+  const int in_features = x.shape(-1);
+  const int rows = x.size() / in_features;
+  const int groups = in_features / group_size;
+  const int out_features = out.shape(-1);
+  std::vector<char> x_copy;  // when x is a strided view
+  const char* x_data = row_major_data(x, x_copy);
+  // Blocks of up to kMaxRows rows: each streams the weights once.
+  std::vector<float> xf(size_t(kMaxRows) * in_features), sums(size_t(kMaxRows) * groups);
+  std::vector<float> out_f32(out.dtype() == mx::float32 ? 0 : size_t(kMaxRows) * out_features);
+  for (int first = 0; first < rows; first += kMaxRows) {
+    const int block = std::min(kMaxRows, rows - first);
+    const char* x_block = x_data + size_t(first) * in_features * x.itemsize();
+    load_floats(x_block, x.dtype(), 0, size_t(block) * in_features, xf.data());
+    std::fill(sums.begin(), sums.end(), 0.f);
+    for (int m = 0; m < block; ++m)
+      for (int g = 0; g < groups; ++g)
+        for (int i = 0; i < group_size; ++i)
+          sums[m * groups + g] += xf[size_t(m) * in_features + g * group_size + i];
+    float* results = out_f32.empty() ? out.data<float>() + size_t(first) * out_features
+                                     : out_f32.data();
+    Problem p{block, in_features, out_features, group_size, bits, /*first_row=*/0,
+              w.data<uint8_t>(), size_t(w.strides(0)) * w.itemsize(), &s, &b, xf.data(),
+              x.dtype() == mx::bfloat16 ? reinterpret_cast<const uint16_t*>(x_block) : nullptr,
+              sums.data(), results, out_features};
+    matvec(p, threads);
+    if (!out_f32.empty())
+      store_as(results, size_t(block) * out_features, out, size_t(first) * out_features);
   }
+}
 
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("quantized_matvec runs on the CPU only");
-  }
-
-  const char* name() const override { return "QuantizedMatvec"; }
-
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto& o = static_cast<const QuantizedMatvec&>(other);
-    return group_size_ == o.group_size_ && bits_ == o.bits_ && threads_ == o.threads_;
-  }
-
- private:
-  int group_size_, bits_, threads_;
-};
+void check_rows_contiguous(const std::vector<mx::array>& inputs) {
+  for (int i = 1; i < 4; ++i)
+    if (inputs[i].strides(-1) != 1)
+      throw std::invalid_argument(
+          "quantized_matvec: the rows of w, scales and biases must be contiguous");
+}
 
 }  // namespace
 
@@ -356,7 +330,13 @@ mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::arr
   // would copy a row slice of a larger buffer): strided x is gathered in the kernel.
   std::vector<mx::array> inputs = {x, w, scales, biases};
   return mx::array(out_shape, out_dtype,
-                   std::make_shared<QuantizedMatvec>(stream, group_size, bits, threads),
+                   std::make_shared<CpuOp>(
+                       stream, "QuantizedMatvec",
+                       [group_size, bits, threads](const std::vector<mx::array>& in, mx::array& out) {
+                         quantized_matvec_rows(in[0], in[1], in[2], in[3], out, group_size, bits,
+                                               threads);
+                       },
+                       check_rows_contiguous),
                    std::move(inputs));
 }
 
@@ -423,58 +403,30 @@ void dense(const uint16_t* x, int rows, const uint16_t* w, size_t w_stride, int 
 }
 #endif
 
-class DenseMatmul : public mx::UnaryPrimitive {
- public:
-  DenseMatmul(mx::Stream stream, int threads) : mx::UnaryPrimitive(stream), threads_(threads) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    if (inputs[1].strides(-1) != 1)
-      throw std::invalid_argument("matmul_bf16: the rows of w must be contiguous");
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& a : inputs) encoder.set_input_array(a);
-    encoder.set_output_array(out);
-    std::vector<mx::array> held;
-    for (auto& a : inputs) held.push_back(mx::array::unsafe_weak_copy(a));
-    encoder.dispatch([held = std::move(held), out = mx::array::unsafe_weak_copy(out),
-                      threads = threads_]() mutable {
+// x @ w.T (+ bias) into out, on `threads` threads.
+void matmul_bf16_into(const std::vector<mx::array>& inputs, mx::array& out, int threads) {
 #ifdef QMV_AVX512_BF16
-      const mx::array& x = held[0];
-      const mx::array& w = held[1];
-      const int in_features = x.shape(-1), out_features = out.shape(-1);
-      const int rows = x.size() / in_features;
-      std::vector<char> x_copy;
-      const char* x_data = row_major_data(x, x_copy);
-      std::vector<float> bias;
-      if (held.size() > 2) {
-        bias.resize(out_features);
-        const mx::array& b = held[2];
-        std::vector<char> b_copy;
-        load_floats(row_major_data(b, b_copy), b.dtype(), 0, out_features, bias.data());
-      }
-      std::vector<float> out_f32(out.dtype() == mx::float32 ? 0 : out.size());
-      float* results = out_f32.empty() ? out.data<float>() : out_f32.data();
-      dense(reinterpret_cast<const uint16_t*>(x_data), rows, w.data<uint16_t>(),
-            size_t(w.strides(0)), in_features, out_features, bias.empty() ? nullptr : bias.data(),
-            results, threads);
-      if (!out_f32.empty()) store_as(results, out.size(), out, 0);
+  const mx::array& x = inputs[0];
+  const mx::array& w = inputs[1];
+  const int in_features = x.shape(-1), out_features = out.shape(-1);
+  const int rows = x.size() / in_features;
+  std::vector<char> x_copy;
+  const char* x_data = row_major_data(x, x_copy);
+  std::vector<float> bias;
+  if (inputs.size() > 2) {
+    bias.resize(out_features);
+    const mx::array& b = inputs[2];
+    std::vector<char> b_copy;
+    load_floats(row_major_data(b, b_copy), b.dtype(), 0, out_features, bias.data());
+  }
+  std::vector<float> out_f32(out.dtype() == mx::float32 ? 0 : out.size());
+  float* results = out_f32.empty() ? out.data<float>() : out_f32.data();
+  dense(reinterpret_cast<const uint16_t*>(x_data), rows, w.data<uint16_t>(),
+        size_t(w.strides(0)), in_features, out_features, bias.empty() ? nullptr : bias.data(),
+        results, threads);
+  if (!out_f32.empty()) store_as(results, out.size(), out, 0);
 #endif
-    });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("matmul_bf16 runs on the CPU only");
-  }
-
-  const char* name() const override { return "DenseMatmulBf16"; }
-
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return threads_ == static_cast<const DenseMatmul&>(other).threads_;
-  }
-
- private:
-  int threads_;
-};
+}
 
 }  // namespace
 
@@ -508,7 +460,15 @@ mx::array matmul_bf16(const mx::array& x, const mx::array& w, std::optional<mx::
   out_shape.back() = w.shape(0);
   std::vector<mx::array> inputs = {x, w};
   if (bias) inputs.push_back(*bias);
-  return mx::array(out_shape, out_dtype, std::make_shared<DenseMatmul>(stream, threads),
+  auto check = [](const std::vector<mx::array>& in) {
+    if (in[1].strides(-1) != 1)
+      throw std::invalid_argument("matmul_bf16: the rows of w must be contiguous");
+  };
+  auto fn = [threads](const std::vector<mx::array>& in, mx::array& out) {
+    matmul_bf16_into(in, out, threads);
+  };
+  return mx::array(out_shape, out_dtype,
+                   std::make_shared<CpuOp>(stream, "DenseMatmulBf16", fn, check),
                    std::move(inputs));
 }
 
