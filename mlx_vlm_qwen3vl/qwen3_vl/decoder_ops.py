@@ -6,8 +6,9 @@ each, ~4-5 us of dispatch per op) and its `exp` costs ~12 ns per element: in
 a 4-bit decode step of the 2B shape these ops took ~26 ms beside ~35 ms of
 products. The native kernel (cpu_kernel.py, csrc/decode_ops.cpp) does each in
 one op, rounding where the fallbacks round. Off the CPU, without the kernel,
-or for inputs it does not take (explicit 3D positions, masks, quantized KV
-caches) these are exactly the MLX compositions.
+or for inputs it does not take (explicit 3D positions of prompts with images,
+attention of several queries, quantized KV caches) these are exactly the MLX
+compositions.
 """
 
 import mlx.core as mx
