@@ -275,7 +275,7 @@ def has_dense(kernel) -> bool:
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 21, 100])
-@pytest.mark.parametrize("in_features", [32, 96, 2048])
+@pytest.mark.parametrize("in_features", [32, 96, 2048, 40, 784])  # 40, 784: a masked tail
 def test_dense_products_equal_the_float32_product(dense_kernel, rows, in_features):
     if not has_dense(dense_kernel):
         return
@@ -303,7 +303,6 @@ def test_dense_threads_and_strided_inputs(dense_kernel):
 
 @pytest.mark.parametrize("call, message", [
     (lambda k, x, w, b: k.matmul_bf16(x.astype(mx.float32), w), "expected bfloat16"),
-    (lambda k, x, w, b: k.matmul_bf16(x[:, :48], w[:, :48]), "multiple of 32"),
     (lambda k, x, w, b: k.matmul_bf16(x, w[:, :32]), "disagree"),
     (lambda k, x, w, b: k.matmul_bf16(x, w, b[:5]), "bias must be"),
     (lambda k, x, w, b: k.matmul_bf16(x, w, threads=0), "threads must be"),
@@ -351,3 +350,54 @@ def test_bfloat16_layers_use_the_dense_kernel(dense_kernel, monkeypatch):
     layer.set_dtype(mx.float32)
     layer(x.astype(mx.float32))
     assert not calls  # float32 keeps MLX's kernel
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 784, 64), (4, 3, 64, 72), (2, 2, 37, 40)])
+def test_attention_matches_mlx_attention_of_the_vision_windows(dense_kernel, shape):
+    if not dense_kernel.has_dense_bf16():
+        with pytest.raises(ValueError, match="no AVX-512 BF16 path"):
+            dense_kernel.attention_bf16(*(mx.ones((1, 1, 4, 8), mx.bfloat16),) * 3, 1.0)
+        return
+    B, H, L, D = shape
+    q, k, v = (normal_bf16((B, H, L, D), seed) for seed in (1, 2, 3))
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5)
+    want = want.transpose(0, 2, 1, 3).reshape(B, L, H * D)
+    got = dense_kernel.attention_bf16(q, k, v, D**-0.5, threads=2)
+    assert got.shape == want.shape and got.dtype == mx.bfloat16
+    # Rounded where MLX's fallback rounds: nearly all identical, the rest one step apart.
+    assert max_rel(got.astype(mx.float32), want.astype(mx.float32)) <= 2 * 2.0**-7
+    assert (got == want).astype(mx.float32).mean().item() > 0.99
+    # Strided inputs (a transposed view) give the same as contiguous ones.
+    kt = k.transpose(0, 1, 3, 2)
+    strided = dense_kernel.attention_bf16(q, kt.transpose(0, 1, 3, 2), v, D**-0.5)
+    assert mx.array_equal(strided, got)
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 8, 100, 100, 128), (2, 4, 2, 5, 12, 64), (1, 2, 1, 37, 37, 40)])
+def test_causal_grouped_query_attention_matches_mlx_attention_of_the_prefill(dense_kernel, shape):
+    if not dense_kernel.has_dense_bf16():
+        return
+    B, H, KV, L, T, D = shape  # T > L: a prefill chunk after cached tokens
+    q = normal_bf16((B, H, L, D), 4)
+    k, v = normal_bf16((B, KV, T, D), 5), normal_bf16((B, KV, T, D), 6)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5, mask="causal")
+    want = want.transpose(0, 2, 1, 3).reshape(B, L, H * D)
+    got = dense_kernel.attention_bf16(q, k, v, D**-0.5, causal=True, threads=2)
+    assert max_rel(got.astype(mx.float32), want.astype(mx.float32)) <= 2 * 2.0**-7
+    assert (got == want).astype(mx.float32).mean().item() > 0.99
+
+
+def test_attention_rejects_what_it_does_not_take(dense_kernel):
+    if not dense_kernel.has_dense_bf16():
+        return
+    x = mx.ones((1, 2, 4, 8), mx.bfloat16)
+    with pytest.raises(ValueError, match=r"bfloat16 q \[B, H, L, D\]"):
+        dense_kernel.attention_bf16(x.astype(mx.float32), x, x, 1.0)
+    with pytest.raises(ValueError, match=r"k, v \[B, Hkv, T, D\]"):
+        dense_kernel.attention_bf16(x, mx.ones((1, 3, 4, 8), mx.bfloat16), mx.ones((1, 3, 4, 8), mx.bfloat16), 1.0)
+    with pytest.raises(ValueError, match="causal attention needs"):
+        dense_kernel.attention_bf16(x, x[:, :, :2], x[:, :, :2], 1.0, causal=True)
+
+
+def normal_bf16(shape, seed):
+    return mx.random.normal(shape, key=mx.random.key(seed)).astype(mx.bfloat16)

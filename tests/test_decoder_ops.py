@@ -171,3 +171,19 @@ def test_model_decode_takes_the_native_ops_and_matches_mlx_ops(tiny_checkpoint, 
     assert len(set(native_tokens)) > 1  # a fixture that varies its output
     for a, b in zip(native, composed):
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * np.abs(b).max())
+
+
+def test_bfloat16_prefill_attention_is_native_and_matches_sdpa(monkeypatch):
+    """Many queries, causal, grouped heads: decoder_ops.attention routes them to
+    the kernel where the CPU has AVX-512 BF16, else to MLX's attention."""
+    q = normal((1, 4, 9, 64), 20, mx.bfloat16)
+    k, v = normal((1, 2, 9, 64), 21, mx.bfloat16), normal((1, 2, 9, 64), 22, mx.bfloat16)
+    got = decoder_ops.attention(q, k, v, None, 0.125, "causal")
+    kernel = cpu_kernel.load()
+    monkeypatch.setattr(decoder_ops, "_kernel", lambda *arrays: None)
+    composed = decoder_ops.attention(q, k, v, None, 0.125, "causal")
+    assert got.shape == composed.shape == (1, 9, 4 * 64)
+    if kernel.has_dense_bf16():
+        assert_close(got, composed, mx.bfloat16)
+    else:
+        assert mx.array_equal(got, composed)

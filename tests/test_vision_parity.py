@@ -214,6 +214,29 @@ def test_bfloat16_weights_compute_in_bfloat16(torch_weights, reference):
     assert error <= 0.05 * np.abs(expected).max()
 
 
+def test_bfloat16_tower_takes_the_native_attention_and_matches_mlx_attention(
+    torch_weights, monkeypatch
+):
+    from mlx_vlm_qwen3vl import cpu_kernel
+    from mlx_vlm_qwen3vl.qwen3_vl import vision
+
+    kernel = cpu_kernel.load()
+    bf16 = load({k: v.astype(mx.bfloat16) for k, v in torch_weights.items()})
+    grid = [IMAGE, (2, 4, 6)]  # an image and a two-frame video: several windows
+    values = mx.array(pixels(grid, seed=3))
+    calls = []
+    real = vision.native_attention_kernel
+    monkeypatch.setattr(vision, "native_attention_kernel", lambda q: calls.append(q.shape) or real(q))
+    native, native_deepstack = bf16(values, grid)
+    assert calls and (real(mx.ones((1,), mx.bfloat16)) is not None) == kernel.has_dense_bf16()
+    monkeypatch.setattr(vision, "native_attention_kernel", lambda q: None)
+    composed, composed_deepstack = bf16(values, grid)
+    for a, b in zip([native, *native_deepstack], [composed, *composed_deepstack]):
+        a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+        # bfloat16 through the 4 blocks: a rounding step here and there
+        assert np.abs(a - b).max() <= 0.02 * np.abs(b).max()
+
+
 @pytest.mark.parametrize(
     "rows, width, grid, message",
     [

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -85,6 +86,53 @@ inline void store_as(const float* values, size_t count, mx::array& out, size_t o
     auto p = out.data<mx::float16_t>() + offset;
     for (size_t i = 0; i < count; ++i) p[i] = mx::float16_t(values[i]);
   }
+}
+
+// The sum of 16 partial sums, pairwise (a short dependency chain).
+inline float reduce16(float* partial) {
+  for (int width = 8; width >= 1; width /= 2)
+    for (int j = 0; j < width; ++j) partial[j] += partial[j + width];
+  return partial[0];
+}
+
+// Sum of a[i] * b[i] in 16 partial sums (vectorizes without reassociating).
+inline float dot(const float* a, const float* b, int n) {
+  float partial[16] = {};
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) partial[j] += a[i + j] * b[i + j];
+  for (; i < n; ++i) partial[i % 16] += a[i] * b[i];
+  return reduce16(partial);
+}
+
+inline float sum(const float* a, int n) {
+  float partial[16] = {};
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) partial[j] += a[i + j];
+  for (; i < n; ++i) partial[i % 16] += a[i];
+  return reduce16(partial);
+}
+
+// exp(x) in float32 within ~2 ulp (Cephes' expf), written so that loops over
+// it vectorize (std::exp is a call per element, std::floor stops GCC).
+// Arguments are clamped to [-87.33, 88]: results stay finite and normal.
+inline float exp_f32(float x) {
+  x = std::min(88.f, std::max(-87.33f, x));
+  const float t = x * 1.44269504088896341f;
+  const float n = float(int32_t(t + (t >= 0.f ? 0.5f : -0.5f)));  // nearest integer
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
 }
 
 // A few threads that take parts of one product. MLX runs a stream's work on

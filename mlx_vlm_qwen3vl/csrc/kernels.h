@@ -1,6 +1,8 @@
 // The primitives the extension exports (bound to Python in module.cpp).
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
 #include <optional>
 
 #include "mlx/mlx.h"
@@ -16,6 +18,10 @@ mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::arr
 mx::array matmul_bf16(const mx::array& x, const mx::array& w, std::optional<mx::array> bias,
                       int threads, std::optional<mx::Dtype> dtype, mx::StreamOrDevice s);
 bool has_dense_bf16();
+// out [rows, N] (float32) = x [rows, K] @ w[N, K].T (+ bias), bfloat16 inputs as raw
+// bits, row stride of w `w_stride` elements; AVX-512 BF16 builds only.
+void dense(const uint16_t* x, int rows, const uint16_t* w, size_t w_stride, int in_features,
+           int out_features, const float* bias, float* out, int threads);
 const char* kernel_name();
 
 // The decoder's small ops (decode_ops.cpp).
@@ -26,5 +32,7 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
                            float scale, std::optional<mx::array> mask, int threads,
                            mx::StreamOrDevice s);
 mx::array silu_mul(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s);
+mx::array attention_bf16(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                         bool causal, int threads, mx::StreamOrDevice s);
 
 }  // namespace qwen3vl

@@ -32,6 +32,11 @@ NB_MODULE(_quantized_matvec, m) {
         "optional mask [B or 1, H or 1, 1, T] (boolean or additive); returns [B, 1, H * D].");
   m.def("silu_mul", &silu_mul, "gate"_a, "up"_a, nb::kw_only(), "stream"_a = nb::none(),
         "silu(gate) * up, rounded as nn.silu(gate) * up rounds.");
+  m.def("attention_bf16", &attention_bf16, "q"_a, "k"_a, "v"_a, "scale"_a, nb::kw_only(),
+        "causal"_a = false, "threads"_a = 1, "stream"_a = nb::none(),
+        "softmax(q k^T * scale) v, unmasked or causal (query l sees keys up to T - L + l),\n"
+        "for bfloat16 q [B, H, L, D], k, v [B, Hkv, T, D]; returns [B, L, H * D].\n"
+        "AVX-512 BF16 builds only.");
   m.def("has_dense_bf16", &has_dense_bf16, "Does this build have matmul_bf16?");
   m.def("kernel_name", &kernel_name, "Which code path this build runs.");
 }

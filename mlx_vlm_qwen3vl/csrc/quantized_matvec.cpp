@@ -366,11 +366,13 @@ void dense_rows(const uint16_t* x, size_t x_stride, const uint16_t* w, size_t w_
           acc[h][m] = _mm512_dpbf16_ps(acc[h][m], (__m512bh)wv,
                                        (__m512bh)_mm512_loadu_si512(x + m * x_stride + k + 32 * h));
       }
-    if (k < in_features) {  // one chunk of 32 left
-      __m512i wv = _mm512_loadu_si512(wr + k);
+    for (; k < in_features; k += 32) {  // up to 63 left: masked loads read zeros past the end
+      const int left = in_features - k;
+      const __mmask32 mask = left >= 32 ? 0xFFFFFFFFu : (1u << left) - 1;
+      __m512i wv = _mm512_maskz_loadu_epi16(mask, wr + k);
       for (int m = 0; m < ROWS; ++m)
         acc[0][m] = _mm512_dpbf16_ps(acc[0][m], (__m512bh)wv,
-                                     (__m512bh)_mm512_loadu_si512(x + m * x_stride + k));
+                                     (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * x_stride + k));
     }
     const float b = bias ? bias[n] : 0.f;
     for (int m = 0; m < ROWS; ++m)
@@ -384,23 +386,6 @@ constexpr DenseRows kDenseRows[kMaxRows] = {dense_rows<1>, dense_rows<2>, dense_
                                             dense_rows<4>, dense_rows<5>, dense_rows<6>,
                                             dense_rows<7>, dense_rows<8>};
 
-// Output features in tiles small enough to stay in a core's L2 cache while
-// every block of 8 rows of x passes; the threads take tiles as they get free.
-void dense(const uint16_t* x, int rows, const uint16_t* w, size_t w_stride, int in_features,
-           int out_features, const float* bias, float* out, int threads) {
-  constexpr size_t kTileBytes = 512 << 10;
-  const int tile = std::max<int>(16, kTileBytes / (size_t(in_features) * 2));
-  const int tiles = (out_features + tile - 1) / tile;
-  run_parts(tiles, threads, [&](int i) {
-    const int begin = i * tile, end = std::min(out_features, begin + tile);
-    for (int first = 0; first < rows; first += kMaxRows) {
-      const int block = std::min(kMaxRows, rows - first);
-      kDenseRows[block - 1](x + size_t(first) * in_features, in_features, w, w_stride,
-                            in_features, begin, end, bias, out + size_t(first) * out_features,
-                            out_features);
-    }
-  });
-}
 #endif
 
 // x @ w.T (+ bias) into out, on `threads` threads.
@@ -430,6 +415,26 @@ void matmul_bf16_into(const std::vector<mx::array>& inputs, mx::array& out, int 
 
 }  // namespace
 
+#ifdef QMV_AVX512_BF16
+// Output features in tiles small enough to stay in a core's L2 cache while
+// every block of 8 rows of x passes; the threads take tiles as they get free.
+void dense(const uint16_t* x, int rows, const uint16_t* w, size_t w_stride, int in_features,
+           int out_features, const float* bias, float* out, int threads) {
+  constexpr size_t kTileBytes = 512 << 10;
+  const int tile = std::max<int>(16, kTileBytes / (size_t(in_features) * 2));
+  const int tiles = (out_features + tile - 1) / tile;
+  run_parts(tiles, threads, [&](int i) {
+    const int begin = i * tile, end = std::min(out_features, begin + tile);
+    for (int first = 0; first < rows; first += kMaxRows) {
+      const int block = std::min(kMaxRows, rows - first);
+      kDenseRows[block - 1](x + size_t(first) * in_features, in_features, w, w_stride,
+                            in_features, begin, end, bias, out + size_t(first) * out_features,
+                            out_features);
+    }
+  });
+}
+#endif
+
 bool has_dense_bf16() {
 #ifdef QMV_AVX512_BF16
   return true;
@@ -447,8 +452,8 @@ mx::array matmul_bf16(const mx::array& x, const mx::array& w, std::optional<mx::
     throw std::invalid_argument("matmul_bf16: a CPU stream is required");
   if (x.dtype() != mx::bfloat16 || w.dtype() != mx::bfloat16 || x.ndim() < 1 || w.ndim() != 2)
     throw std::invalid_argument("matmul_bf16: expected bfloat16 x [..., K] and w [N, K]");
-  if (x.shape(-1) != w.shape(1) || w.shape(1) % 32 != 0)
-    throw std::invalid_argument("matmul_bf16: x and w disagree, or K is not a multiple of 32");
+  if (x.shape(-1) != w.shape(1))
+    throw std::invalid_argument("matmul_bf16: x [..., K] and w [N, K] disagree in K");
   if (bias && (bias->ndim() != 1 || bias->shape(0) != w.shape(0)))
     throw std::invalid_argument("matmul_bf16: bias must be [N]");
   if (threads < 1 || threads > 256)

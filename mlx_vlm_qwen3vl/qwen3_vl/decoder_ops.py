@@ -7,7 +7,7 @@ a 4-bit decode step of the 2B shape these ops took ~26 ms beside ~35 ms of
 products. The native kernel (cpu_kernel.py, csrc/decode_ops.cpp) does each in
 one op, rounding where the fallbacks round. Off the CPU, without the kernel,
 or for inputs it does not take (explicit 3D positions of prompts with images,
-attention of several queries, quantized KV caches) these are exactly the MLX
+padded multi-query attention, quantized KV caches) these are exactly the MLX
 compositions.
 """
 
@@ -67,13 +67,20 @@ def norm_rope(x: mx.array, norm: nn.RMSNorm, rope, positions, n_heads: int) -> m
 
 def attention(q, k, v, cache, scale: float, mask) -> mx.array:
     """Attention of q [B, H, L, D] over the keys and values the cache returned,
-    as [B, L, H * D]. One query over a plain or batch cache (its padding
-    mask included) is native."""
+    as [B, L, H * D]. Native: one query over a plain or batch cache (its
+    padding mask included); many queries (prefill), unmasked or causal, in
+    bfloat16 where the CPU has AVX-512 BF16."""
     B, H, L, _ = q.shape
-    if L == 1 and type(cache) in _NATIVE_CACHES and isinstance(k, mx.array) and _one_query_mask(mask, q):
+    plain = type(cache) in _NATIVE_CACHES and isinstance(k, mx.array)
+    if plain and L == 1 and _one_query_mask(mask, q):
         kernel = _kernel(q, k, v)
         if kernel is not None:
             return kernel.decode_attention(q, k, v, scale, mask, threads=worker_count())
+    if plain and L > 1 and (mask is None or mask == "causal") and q.dtype == mx.bfloat16:
+        kernel = _kernel(q, k, v)
+        if kernel is not None and kernel.has_dense_bf16():
+            causal = mask == "causal"
+            return kernel.attention_bf16(q, k, v, scale, causal=causal, threads=worker_count())
     out = scaled_dot_product_attention(q, k, v, cache, scale=scale, mask=mask)
     return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
 

@@ -13,8 +13,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import VisionConfig
-from .layers import Linear, is_loadable_weight
-from .parallel import split_axis
+from .layers import Linear, is_loadable_weight, native_attention_kernel
+from .parallel import split_axis, worker_count
 
 WEIGHT_PREFIX = "vision_tower."
 
@@ -155,6 +155,12 @@ class VisionAttention(nn.Module):
                 return a.transpose(0, 2, 1, 3)
 
             q_seg, k_seg, v_seg = batched(q), batched(k), batched(v)
+            kernel = native_attention_kernel(q_seg)
+            if kernel is not None:
+                out = kernel.attention_bf16(q_seg, k_seg, v_seg, self.scale, threads=worker_count())
+                outputs.append(out.reshape(end - start, -1))
+                start = end
+                continue
 
             def heads(part, stream):
                 return mx.fast.scaled_dot_product_attention(
