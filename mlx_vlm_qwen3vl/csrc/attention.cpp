@@ -17,12 +17,6 @@ namespace qwen3vl {
 namespace {
 
 #ifdef QMV_AVX512_BF16
-inline uint16_t bf16_bits(float v) {  // round to nearest even
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  return uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
-
 // One (batch, head): q [L, D] and k [T, D] contiguous, v transposed [D, T];
 // out rows `out_stride` apart. Causal: query l sees keys up to T - L + l, and
 // the others get the lowest bfloat16 score, as the fallback's mask does.

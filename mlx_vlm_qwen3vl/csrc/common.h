@@ -37,6 +37,15 @@ inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
+// float32 -> bfloat16 bits, rounded to nearest even as MLX's conversion does
+// (branch-free so that loops over it vectorize; NaN stays NaN, overflow goes
+// to infinity).
+inline uint16_t bf16_bits(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
 // Scales, biases and activations arrive as float32, float16 or bfloat16:
 // `count` of them from element `start` of `data`, as float32.
 inline void load_floats(const void* data, mx::Dtype dtype, size_t start, size_t count, float* out) {

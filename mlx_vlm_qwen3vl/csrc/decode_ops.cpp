@@ -20,18 +20,12 @@ namespace qwen3vl {
 namespace {
 
 // Rounds a float32 value to T and back (what an MLX op on T arrays does).
-// bfloat16: to nearest even on the bits, branch-free so that loops vectorize
-// (NaN stays NaN, overflow goes to infinity, as MLX's conversion does).
 template <typename T>
 inline float round_to(float v) {
   if constexpr (std::is_same_v<T, float>) {
     return v;
   } else if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
-    uint32_t bits;
-    std::memcpy(&bits, &v, sizeof bits);
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000u;
-    std::memcpy(&v, &bits, sizeof v);
-    return v;
+    return bf16_to_float(bf16_bits(v));
   } else {
     return static_cast<float>(T(v));
   }
