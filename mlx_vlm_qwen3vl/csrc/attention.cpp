@@ -33,7 +33,7 @@ void head_attention(const uint16_t* q, const uint16_t* k, const uint16_t* vt, in
       float top = -INFINITY;
       const int visible = causal ? std::min(T, T - L + first + r + 1) : T;
       for (int t = 0; t < T; ++t) {
-        s[t] = t < visible ? bf16_to_float(bf16_bits(s[t])) : -3.3895313892515355e38f;
+        s[t] = t < visible ? bf16_to_float(bf16_bits(s[t])) : lowest<mx::bfloat16_t>();
         top = std::max(top, s[t]);
       }
       for (int t = 0; t < T; ++t) s[t] = exp_f32(s[t] - top);

@@ -46,6 +46,14 @@ inline uint16_t bf16_bits(float v) {
   return uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 
+// The lowest finite value of T, as float32 (what MLX's attention fallback puts in masked scores).
+template <typename T>
+inline float lowest() {
+  if constexpr (std::is_same_v<T, float>) return -3.4028234663852886e38f;
+  else if constexpr (std::is_same_v<T, mx::bfloat16_t>) return -3.3895313892515355e38f;
+  else return -65504.f;
+}
+
 // Scales, biases and activations arrive as float32, float16 or bfloat16:
 // `count` of them from element `start` of `data`, as float32.
 inline void load_floats(const void* data, mx::Dtype dtype, size_t start, size_t count, float* out) {

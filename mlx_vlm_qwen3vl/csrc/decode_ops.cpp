@@ -74,14 +74,6 @@ inline Storage<T>* elements(mx::array& out) {
   return reinterpret_cast<Storage<T>*>(out.data<char>());
 }
 
-// The lowest finite value of T, as float32 (what the fallback puts in masked scores).
-template <typename T>
-inline float lowest() {
-  if constexpr (std::is_same_v<T, float>) return -3.4028234663852886e38f;
-  else if constexpr (std::is_same_v<T, mx::bfloat16_t>) return -3.3895313892515355e38f;
-  else return -65504.f;
-}
-
 template <typename F>
 void dispatch_float(mx::Dtype dtype, F&& f) {
   switch (dtype) {

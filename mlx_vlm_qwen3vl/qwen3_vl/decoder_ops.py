@@ -19,7 +19,7 @@ from mlx_vlm.models.cache import BatchKVCache, KVCache
 
 from mlx_vlm_qwen3vl import cpu_kernel
 
-from .layers import cpu_policy
+from .layers import cpu_policy, native_attention_kernel
 from .parallel import worker_count
 
 _FLOATS = (mx.float32, mx.bfloat16, mx.float16)
@@ -76,10 +76,10 @@ def attention(q, k, v, cache, scale: float, mask) -> mx.array:
         kernel = _kernel(q, k, v)
         if kernel is not None:
             return kernel.decode_attention(q, k, v, scale, mask, threads=worker_count())
-    if plain and L > 1 and (mask is None or mask == "causal") and q.dtype == mx.bfloat16:
-        kernel = _kernel(q, k, v)
-        if kernel is not None and kernel.has_dense_bf16():
-            causal = mask == "causal"
+    causal = isinstance(mask, str) and mask == "causal"
+    if plain and L > 1 and (mask is None or causal) and k.dtype == v.dtype == q.dtype:
+        kernel = native_attention_kernel(q)
+        if kernel is not None:
             return kernel.attention_bf16(q, k, v, scale, causal=causal, threads=worker_count())
     out = scaled_dot_product_attention(q, k, v, cache, scale=scale, mask=mask)
     return out.transpose(0, 2, 1, 3).reshape(B, L, -1)

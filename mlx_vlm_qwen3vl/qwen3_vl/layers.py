@@ -170,8 +170,7 @@ def _native_dense_kernel(x: mx.array, weight: mx.array):
         return None
     if _rows(x) > 1 and cpu_policy()[1]:
         return None
-    kernel = cpu_kernel.load()
-    return kernel if kernel is not None and kernel.has_dense_bf16() else None
+    return _kernel_with_dense_bf16()
 
 
 def native_attention_kernel(q: mx.array):
@@ -180,6 +179,11 @@ def native_attention_kernel(q: mx.array):
     runs as its fallback, ~0.7 s per vision layer for one 448x448 image."""
     if q.dtype != mx.bfloat16 or not cpu_policy()[0]:
         return None
+    return _kernel_with_dense_bf16()
+
+
+def _kernel_with_dense_bf16():
+    """The native kernel if this build has its AVX-512 BF16 path, else None."""
     kernel = cpu_kernel.load()
     return kernel if kernel is not None and kernel.has_dense_bf16() else None
 
