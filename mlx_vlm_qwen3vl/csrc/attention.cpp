@@ -27,21 +27,23 @@ void head_attention(const uint16_t* q, const uint16_t* k, const uint16_t* vt, in
   std::vector<uint16_t> probabilities(size_t(kBlock) * T);
   for (int first = 0; first < L; first += kBlock) {
     const int rows = std::min(kBlock, L - first);
-    dense(q + size_t(first) * D, rows, k, D, D, T, nullptr, scores.data(), 1);
+    // Keys no row of this block sees (causal) get probability 0: skip them.
+    const int keys = causal ? std::min(T, T - L + first + rows) : T;
+    dense(q + size_t(first) * D, rows, k, D, D, keys, nullptr, scores.data(), 1);
     for (int r = 0; r < rows; ++r) {
-      float* s = scores.data() + size_t(r) * T;
+      float* s = scores.data() + size_t(r) * keys;
       float top = -INFINITY;
       const int visible = causal ? std::min(T, T - L + first + r + 1) : T;
-      for (int t = 0; t < T; ++t) {
+      for (int t = 0; t < keys; ++t) {
         s[t] = t < visible ? bf16_to_float(bf16_bits(s[t])) : lowest<mx::bfloat16_t>();
         top = std::max(top, s[t]);
       }
-      for (int t = 0; t < T; ++t) s[t] = exp_f32(s[t] - top);
-      const float total = sum(s, T);
-      uint16_t* p = probabilities.data() + size_t(r) * T;
-      for (int t = 0; t < T; ++t) p[t] = bf16_bits(s[t] / total);
+      for (int t = 0; t < keys; ++t) s[t] = exp_f32(s[t] - top);
+      const float total = sum(s, keys);
+      uint16_t* p = probabilities.data() + size_t(r) * keys;
+      for (int t = 0; t < keys; ++t) p[t] = bf16_bits(s[t] / total);
     }
-    dense(probabilities.data(), rows, vt, T, T, D, nullptr, values.data(), 1);
+    dense(probabilities.data(), rows, vt, T, keys, D, nullptr, values.data(), 1);
     for (int r = 0; r < rows; ++r)
       for (int d = 0; d < D; ++d)
         out[(size_t(first) + r) * out_stride + d] = bf16_bits(values[size_t(r) * D + d]);
