@@ -4,6 +4,8 @@ import pytest
 
 from mlx_vlm_qwen3vl.builder import build_checkpoint
 
+from helpers import use_accelerator_ops
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
@@ -21,3 +23,12 @@ def tiny_checkpoint_untied(tmp_path_factory):
         tie_word_embeddings=False,
         attention_bias=True,
     )
+
+
+@pytest.fixture(params=["cpu kernels", "accelerator ops"])
+def code_path(request, monkeypatch):
+    """The model's two code paths: on the CPU (native kernels, split
+    products) and off it (helpers.use_accelerator_ops)."""
+    if request.param == "accelerator ops":
+        use_accelerator_ops(monkeypatch)
+    return request.param

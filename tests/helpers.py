@@ -1,6 +1,7 @@
 """Test helpers shared by several suites: our model run on one prompt, the
 host's keyword arguments for a prompt, a drained BatchGenerator, an edited copy
-of a checkpoint, a seeded Hugging Face cache, and a real encoded video file."""
+of a checkpoint, a seeded Hugging Face cache, a real encoded video file, and
+the accelerator code path on the CPU."""
 
 import shutil
 from pathlib import Path
@@ -10,6 +11,19 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_vlm.models.cache import make_prompt_cache
+from mlx_vlm_qwen3vl import cpu_kernel
+from mlx_vlm_qwen3vl.qwen3_vl import layers
+
+
+def use_accelerator_ops(monkeypatch):
+    """Run the model as it runs off the CPU (Metal, CUDA: what most users run):
+    nn.Linear, mx.fast.* and MLX's own quantized products, here on the CPU.
+    Using the native CPU kernel then fails the test."""
+    def no_kernel():
+        raise AssertionError("the native CPU kernel was used off the CPU path")
+
+    monkeypatch.setattr(layers, "cpu_policy", lambda: (False, False))
+    monkeypatch.setattr(cpu_kernel, "load", no_kernel)
 
 
 def ours_kwargs(media):

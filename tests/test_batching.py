@@ -116,7 +116,7 @@ def test_greedy_outputs_differ_across_rows_and_positions(host):
 
 # ------------------------------------------------------------------ forward
 @pytest.mark.parametrize("size", sorted(BATCHES))
-def test_padded_batch_logits_match_single_runs_and_transformers(host, reference, size):
+def test_padded_batch_logits_match_single_runs_and_transformers(host, reference, size, code_path):
     names = BATCHES[size]
     inputs = _process(host.processor, names)
     mask = inputs["attention_mask"]

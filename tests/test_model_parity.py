@@ -102,7 +102,7 @@ def _reference_logits(reference, ids, media):
 
 # ------------------------------------------------------------------ logits
 @pytest.mark.parametrize("case", ["text", "one image", "two images", "video", "image and video"])
-def test_logits_match_transformers(pair, tokenizer, case):
+def test_logits_match_transformers(pair, tokenizer, case, code_path):
     ids, media = _prompts(tokenizer)[case]
     expected = _reference_logits(pair.reference, ids, media)
     pixels, kwargs = ours_kwargs(media)
@@ -176,7 +176,7 @@ def _reference_greedy(reference, ids, media, n):
     return tokens, logits
 
 
-def test_greedy_generation_matches_transformers(pair, tokenizer):
+def test_greedy_generation_matches_transformers(pair, tokenizer, code_path):
     """16 greedy tokens and the logits of every decode step; the tied model on
     two images, the untied one on a video."""
     n = 16
@@ -254,7 +254,7 @@ def _left_padded(rows):
 
 
 @pytest.mark.parametrize("cache_kind", ["plain", "batch"])
-def test_left_padded_batch_matches_single_runs(model, tokenizer, single_runs, cache_kind):
+def test_left_padded_batch_matches_single_runs(model, tokenizer, single_runs, cache_kind, code_path):
     n = 4
     rows = _batch_rows(tokenizer)
     singles = single_runs

@@ -20,7 +20,7 @@ from mlx_vlm_qwen3vl.builder import build_checkpoint
 from mlx_vlm_qwen3vl.qwen3_vl import Model
 from mlx_vlm_qwen3vl.qwen3_vl.processing import Qwen3VLProcessor
 
-from helpers import copy_checkpoint_with
+from helpers import copy_checkpoint_with, use_accelerator_ops
 
 N_TOKENS = 16
 GROUP_SIZE = 64  # divides every text-layer input width of the tiny shape (128, 256)
@@ -113,7 +113,7 @@ def bf16_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["text", "image"])
-def test_bfloat16_is_as_close_to_float32_as_transformers_bfloat16(bf16_checkpoint, prompts, case, record_property):
+def test_bfloat16_is_as_close_to_float32_as_transformers_bfloat16(bf16_checkpoint, prompts, case, record_property, code_path):
     """All three runs share the bf16 weights (transformers float32 upcasts them), so
     the deviations are the compute precision alone. Teacher-forced on float32's
     16 greedy tokens: logits at every position, argmax at the 16 decode steps."""
@@ -208,6 +208,19 @@ def test_quantized_checkpoints_load_as_our_model_and_stay_close(
     # agreement would be 1/151936. Measured: 8 bit 0.94-0.97, 4 bit 0.56-0.60.
     assert agreement["8bit"] >= 0.8
     assert agreement["4bit"] >= 0.25
+
+
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_native_quantized_products_match_mlx_quantized_matmul(converted, prompts, bits, monkeypatch):
+    """On the CPU the quantized products run in the native kernel; off it
+    MLX's own quantized_matmul, the reference for the format, runs them."""
+    model = load_model(Path(converted[bits]))
+    native = {case: _ours_logits(model, inputs) for case, inputs in prompts.items()}
+    use_accelerator_ops(monkeypatch)
+    for case, inputs in prompts.items():
+        reference = _ours_logits(model, inputs)
+        assert np.abs(native[case] - reference).max() <= 1e-4 * np.abs(reference).max()
+        np.testing.assert_array_equal(native[case].argmax(-1), reference.argmax(-1))
 
 
 def test_converted_float_checkpoint_gives_identical_logits(converted, tiny_checkpoint, prompts):

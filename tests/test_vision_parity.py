@@ -122,7 +122,7 @@ def assert_parity(model, reference, grid):
     ],
     ids=["one_image", "two_sizes", "video", "mix"],
 )
-def test_matches_reference(model, reference, grid):
+def test_matches_reference(model, reference, grid, code_path):
     assert_parity(model, reference, grid)
 
 

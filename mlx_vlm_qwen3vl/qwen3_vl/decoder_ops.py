@@ -19,7 +19,7 @@ from mlx_vlm.models.cache import BatchKVCache, KVCache
 
 from mlx_vlm_qwen3vl import cpu_kernel
 
-from .layers import cpu_policy, native_attention_kernel
+from . import layers
 from .parallel import worker_count
 
 _FLOATS = (mx.float32, mx.bfloat16, mx.float16)
@@ -27,7 +27,7 @@ _FLOATS = (mx.float32, mx.bfloat16, mx.float16)
 
 def _kernel(x: mx.array, *others: mx.array):
     """The native kernel when it takes ops on x (and others of x's dtype)."""
-    if not cpu_policy()[0] or x.dtype not in _FLOATS:
+    if not layers.cpu_policy()[0] or x.dtype not in _FLOATS:
         return None
     if any(a.dtype != x.dtype for a in others):
         return None
@@ -78,7 +78,7 @@ def attention(q, k, v, cache, scale: float, mask) -> mx.array:
             return kernel.decode_attention(q, k, v, scale, mask, threads=worker_count())
     causal = isinstance(mask, str) and mask == "causal"
     if plain and L > 1 and (mask is None or causal) and k.dtype == v.dtype == q.dtype:
-        kernel = native_attention_kernel(q)
+        kernel = layers.native_attention_kernel(q)
         if kernel is not None:
             return kernel.attention_bf16(q, k, v, scale, causal=causal, threads=worker_count())
     out = scaled_dot_product_attention(q, k, v, cache, scale=scale, mask=mask)
