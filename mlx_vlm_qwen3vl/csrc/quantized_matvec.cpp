@@ -268,8 +268,9 @@ void quantized_matvec_rows(const mx::array& x, const mx::array& w, const mx::arr
   std::vector<char> x_copy;  // when x is a strided view
   const char* x_data = row_major_data(x, x_copy);
   // Blocks of up to kMaxRows rows: each streams the weights once.
-  std::vector<float> xf(size_t(kMaxRows) * in_features), sums(size_t(kMaxRows) * groups);
-  std::vector<float> out_f32(out.dtype() == mx::float32 ? 0 : size_t(kMaxRows) * out_features);
+  const int max_block = std::min(kMaxRows, rows);
+  std::vector<float> xf(size_t(max_block) * in_features), sums(size_t(max_block) * groups);
+  std::vector<float> out_f32(out.dtype() == mx::float32 ? 0 : size_t(max_block) * out_features);
   for (int first = 0; first < rows; first += kMaxRows) {
     const int block = std::min(kMaxRows, rows - first);
     const char* x_block = x_data + size_t(first) * in_features * x.itemsize();
