@@ -123,6 +123,24 @@ def test_silu_mul_is_exact_at_the_extremes(kernel):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-30)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gelu_approx_matches_nn_gelu_approx(kernel, dtype, threads):
+    # Over 2^16 elements, so that two threads take parts; a wide range and the far tails.
+    x = mx.concatenate([normal((300, 300), 11, dtype, 3.0).reshape(-1),
+                        mx.array([0.0, -0.0, 1e-8, -1e-8, 9.0, -9.0, 40.0, -40.0], dtype=dtype)])
+    got, want = kernel.gelu_approx(x, threads=threads), nn.gelu_approx(x)
+    # Half types: bit-identical in practice (tanh's last float32 bit rarely moves a rounding).
+    assert_close(got, want, dtype, identical=0.999)
+
+
+def test_gelu_approx_keeps_its_shape_and_strides(kernel):
+    x = normal((4, 6, 8), 12, mx.bfloat16).transpose(1, 0, 2)  # not row-major
+    got = kernel.gelu_approx(x)
+    assert got.shape == x.shape
+    assert_close(got, nn.gelu_approx(x), mx.bfloat16, identical=0.999)
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
@@ -134,6 +152,7 @@ def test_silu_mul_is_exact_at_the_extremes(kernel):
         (lambda k: k.decode_attention(mx.ones((1, 3, 1, 8)), mx.ones((1, 2, 5, 8)), mx.ones((1, 2, 5, 8)), 1.0), "multiple"),
         (lambda k: k.decode_attention(mx.ones((1, 2, 1, 8)), mx.ones((1, 2, 5, 8)), mx.ones((1, 2, 5, 8)), 1.0, mx.ones((1, 1, 1, 4), mx.bool_)), "mask must be"),
         (lambda k: k.silu_mul(mx.ones((4,)), mx.ones((5,))), "share"),
+        (lambda k: k.gelu_approx(mx.ones((4,), mx.int32)), "floating point"),
     ],
 )
 def test_bad_inputs_are_named(kernel, call, message):

@@ -214,22 +214,27 @@ def test_bfloat16_weights_compute_in_bfloat16(torch_weights, reference):
     assert error <= 0.05 * np.abs(expected).max()
 
 
-def test_bfloat16_tower_takes_the_native_attention_and_matches_mlx_attention(
+def test_bfloat16_tower_takes_the_native_attention_and_gelu_and_matches_mlx_ops(
     torch_weights, monkeypatch
 ):
     from mlx_vlm_qwen3vl import cpu_kernel
-    from mlx_vlm_qwen3vl.qwen3_vl import vision
+    from mlx_vlm_qwen3vl.qwen3_vl import decoder_ops, vision
 
     kernel = cpu_kernel.load()
     bf16 = load({k: v.astype(mx.bfloat16) for k, v in torch_weights.items()})
+    assert bf16.blocks[0].mlp.act is decoder_ops.gelu_approx
     grid = [IMAGE, (2, 4, 6)]  # an image and a two-frame video: several windows
     values = mx.array(pixels(grid, seed=3))
-    calls = []
-    real = vision.native_attention_kernel
-    monkeypatch.setattr(vision, "native_attention_kernel", lambda q: calls.append(q.shape) or real(q))
+    attention_calls, gelu_calls = [], []
+    real_attention, real_kernel = vision.native_attention_kernel, decoder_ops._kernel
+    monkeypatch.setattr(vision, "native_attention_kernel",
+                        lambda q: attention_calls.append(q.shape) or real_attention(q))
+    monkeypatch.setattr(decoder_ops, "_kernel", lambda x, *others: gelu_calls.append(x.shape) or real_kernel(x, *others))
     native, native_deepstack = bf16(values, grid)
-    assert calls and (real(mx.ones((1,), mx.bfloat16)) is not None) == kernel.has_dense_bf16()
+    assert (real_attention(mx.ones((1,), mx.bfloat16)) is not None) == kernel.has_dense_bf16()
+    assert attention_calls and len(gelu_calls) == len(bf16.blocks)
     monkeypatch.setattr(vision, "native_attention_kernel", lambda q: None)
+    monkeypatch.setattr(decoder_ops, "_kernel", lambda x, *others: None)
     composed, composed_deepstack = bf16(values, grid)
     for a, b in zip([native, *native_deepstack], [composed, *composed_deepstack]):
         a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))

@@ -152,6 +152,19 @@ inline float exp_f32(float x) {
   return y * scale;
 }
 
+// tanh(x) in float32 within a few ulp (Cephes' tanhf), branch-free so that
+// loops over it vectorize: an odd polynomial below |x| = 0.625, else
+// 1 - 2 / (exp(2|x|) + 1) with x's sign.
+inline float tanh_f32(float x) {
+  const float a = std::fabs(x), s = x * x;
+  const float small =
+      ((((-5.70498872745e-3f * s + 2.06390887954e-2f) * s - 5.37397155531e-2f) * s +
+        1.33314422036e-1f) * s - 3.33332819422e-1f) * s * x + x;
+  const float magnitude = 1.f - 2.f / (exp_f32(2.f * std::min(a, 44.f)) + 1.f);
+  const float large = x < 0.f ? -magnitude : magnitude;  // not copysign: GCC would not vectorize it
+  return a < 0.625f ? small : large;
+}
+
 // A few threads that take parts of one product. MLX runs a stream's work on
 // one thread and syncs streams with events; splitting each product over
 // streams costs more in those syncs than a decode-sized product takes.

@@ -32,6 +32,9 @@ NB_MODULE(_quantized_matvec, m) {
         "optional mask [B or 1, H or 1, 1, T] (boolean or additive); returns [B, 1, H * D].");
   m.def("silu_mul", &silu_mul, "gate"_a, "up"_a, nb::kw_only(), "stream"_a = nb::none(),
         "silu(gate) * up, rounded as nn.silu(gate) * up rounds.");
+  m.def("gelu_approx", &gelu_approx, "x"_a, nb::kw_only(), "threads"_a = 1, "stream"_a = nb::none(),
+        "nn.gelu_approx(x) (tanh approximation), rounded as its MLX composition rounds,\n"
+        "on `threads` threads.");
   m.def("attention_bf16", &attention_bf16, "q"_a, "k"_a, "v"_a, "scale"_a, nb::kw_only(),
         "causal"_a = false, "threads"_a = 1, "stream"_a = nb::none(),
         "softmax(q k^T * scale) v, unmasked or causal (query l sees keys up to T - L + l),\n"

@@ -1,4 +1,5 @@
-"""The decoder's small ops, each one native op on MLX's CPU backend.
+"""The decoder's small ops (and the vision MLP's GELU), each one native op
+on MLX's CPU backend.
 
 On the CPU, MLX runs `mx.fast.rms_norm`, `mx.fast.rope` and
 `mx.fast.scaled_dot_product_attention` as their composed fallbacks (5-20 ops
@@ -48,6 +49,15 @@ def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
     if kernel is None:
         return nn.silu(gate) * up
     return kernel.silu_mul(gate, up)
+
+
+def gelu_approx(x: mx.array) -> mx.array:
+    """nn.gelu_approx (the vision MLP's activation). MLX's compiled CPU version
+    takes ~40 ns per element: ~3 s of the vision tower for one 448x448 image."""
+    kernel = _kernel(x)
+    if kernel is None:
+        return nn.gelu_approx(x)
+    return kernel.gelu_approx(x, threads=worker_count())
 
 
 def norm_rope(x: mx.array, norm: nn.RMSNorm, rope, positions, n_heads: int) -> mx.array:

@@ -13,14 +13,15 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import VisionConfig
+from .decoder_ops import gelu_approx
 from .layers import Linear, is_loadable_weight, native_attention_kernel
 from .parallel import split_axis, worker_count
 
 WEIGHT_PREFIX = "vision_tower."
 
 ACTIVATIONS = {
-    "gelu_pytorch_tanh": nn.gelu_approx,
-    "gelu_new": nn.gelu_approx,
+    "gelu_pytorch_tanh": gelu_approx,
+    "gelu_new": gelu_approx,
     "gelu": nn.gelu,
 }
 
