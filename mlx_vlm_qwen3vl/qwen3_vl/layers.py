@@ -188,9 +188,11 @@ def _kernel_with_dense_bf16():
     return kernel if kernel is not None and kernel.has_dense_bf16() else None
 
 
-def _dense_product(x: mx.array, weight: mx.array, bias=None) -> mx.array:
-    """x @ W.T (+ bias); the native kernel for bfloat16, else MLX's matmul
-    split over the cores, in float32 through the fast BLAS when it pays."""
+def dense_product(x: mx.array, weight: mx.array, bias=None) -> mx.array:
+    """x @ W.T (+ bias); on the CPU the native kernel for bfloat16, else MLX's
+    matmul split over the cores, in float32 through the fast BLAS when it pays."""
+    if not cpu_policy()[0]:
+        return mx.matmul(x, weight.T) if bias is None else mx.addmm(bias, x, weight.T)
     kernel = _native_dense_kernel(x, weight)
     if kernel is not None:
         threads = worker_count()
@@ -215,7 +217,7 @@ class Linear(nn.Linear):
         on_cpu, _ = cpu_policy()
         if not on_cpu:
             return super().__call__(x)
-        return _dense_product(x, self.weight, self.get("bias")).astype(x.dtype)
+        return dense_product(x, self.weight, self.get("bias")).astype(x.dtype)
 
     def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
         if quantize_input:
@@ -239,7 +241,7 @@ class Embedding(nn.Embedding):
         on_cpu, _ = cpu_policy()
         if not on_cpu:
             return super().as_linear(x)
-        return _dense_product(x, self.weight).astype(x.dtype)
+        return dense_product(x, self.weight).astype(x.dtype)
 
     def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
         if quantize_input:

@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 
 from .config import VisionConfig
 from .decoder_ops import gelu_approx
-from .layers import Linear, is_loadable_weight, native_attention_kernel
+from .layers import Linear, dense_product, is_loadable_weight, native_attention_kernel
 from .parallel import split_axis, worker_count
 
 WEIGHT_PREFIX = "vision_tower."
@@ -109,7 +109,7 @@ class PatchEmbed(nn.Module):
         x = x.transpose(0, 2, 3, 4, 1).reshape(x.shape[0], -1)
         # Computed in the input's dtype (the model picks it; see layers.py).
         weight = weight.reshape(weight.shape[0], -1).astype(x.dtype)
-        return mx.addmm(self.proj.bias.astype(x.dtype), x, weight.T)
+        return dense_product(x, weight, self.proj.bias.astype(x.dtype)).astype(x.dtype)
 
 
 def rotate_half(x: mx.array) -> mx.array:
