@@ -288,6 +288,19 @@ def test_dense_products_equal_the_float32_product(dense_kernel, rows, in_feature
     assert bf16.dtype == mx.bfloat16 and mx.array_equal(bf16, f32.astype(mx.bfloat16))
 
 
+@pytest.mark.parametrize("rows", [16, 40])  # the packed-panel path
+def test_dense_panels_on_any_threads_and_a_column_slice_of_w(dense_kernel, rows):
+    if not has_dense(dense_kernel):
+        return
+    x, w, b = dense_inputs(rows, 70, 256, seed=rows)  # 70 outputs: a partial panel
+    wide = mx.concatenate([w, w[:, :64] * 3], axis=-1)[:, :256]  # rows 320 apart
+    one = dense_kernel.matmul_bf16(x, w, b, dtype=mx.float32)
+    assert max_rel(one, exact_dense(x, w, b)) < 2e-6
+    for threads in (2, 3):
+        assert mx.array_equal(dense_kernel.matmul_bf16(x, w, b, threads=threads, dtype=mx.float32), one)
+    assert mx.array_equal(dense_kernel.matmul_bf16(x, wide, b, dtype=mx.float32), one)
+
+
 def test_dense_threads_and_strided_inputs(dense_kernel):
     if not has_dense(dense_kernel):
         return

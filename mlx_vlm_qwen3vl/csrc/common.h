@@ -81,15 +81,25 @@ inline void load_floats(const mx::array& a, size_t start, size_t count, float* o
 // is row-contiguous, else a gathered copy kept in `storage`.
 inline const char* row_major_data(const mx::array& a, std::vector<char>& storage) {
   if (a.flags().row_contiguous) return a.data<char>();
-  const size_t item = a.itemsize();
+  const int64_t item = a.itemsize();
   storage.resize(a.size() * item);
   const char* base = a.data<char>();
-  std::vector<int64_t> index(a.ndim(), 0);
-  for (size_t i = 0; i < a.size(); ++i) {
+  const int outer_dims = int(a.ndim()) - 1;
+  const int64_t inner = a.shape(-1), inner_stride = a.strides(-1);
+  const size_t rows = inner ? a.size() / inner : 0;
+  std::vector<int64_t> index(outer_dims, 0);
+  char* out = storage.data();
+  // Row by row along the last axis: one memcpy per row when it is contiguous.
+  for (size_t r = 0; r < rows; ++r, out += inner * item) {
     int64_t offset = 0;
-    for (int d = 0; d < int(a.ndim()); ++d) offset += index[d] * a.strides(d);
-    std::memcpy(storage.data() + i * item, base + offset * int64_t(item), item);
-    for (int d = int(a.ndim()) - 1; d >= 0 && ++index[d] == a.shape(d); --d) index[d] = 0;
+    for (int d = 0; d < outer_dims; ++d) offset += index[d] * a.strides(d);
+    const char* row = base + offset * item;
+    if (inner_stride == 1) {
+      std::memcpy(out, row, inner * item);
+    } else {
+      for (int64_t i = 0; i < inner; ++i) std::memcpy(out + i * item, row + i * inner_stride * item, item);
+    }
+    for (int d = outer_dims - 1; d >= 0 && ++index[d] == a.shape(d); --d) index[d] = 0;
   }
   return storage.data();
 }

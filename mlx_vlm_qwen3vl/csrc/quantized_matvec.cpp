@@ -417,10 +417,87 @@ void matmul_bf16_into(const std::vector<mx::array>& inputs, mx::array& out, int 
 }  // namespace
 
 #ifdef QMV_AVX512_BF16
+namespace {
+
+// Many rows: the weights in panels of 32 output features, each packed as
+// [K / 2][32] pairs of bfloat16 (one 64-byte line per pair of inputs), and
+// MR rows x 32 outputs accumulate in registers with each row's pair of
+// inputs broadcast: 2 weight loads per 2 * MR dot products and no horizontal
+// sums (the row-dot kernel above sums 16 lanes per output). The packed
+// panel (K * 64 bytes) stays in L2 while all rows pass.
+constexpr int kPanel = 32, kPanelRows = 12;
+
+void pack_panel(const uint16_t* w, size_t w_stride, int in_features, int n0, int count,
+                uint32_t* packed) {
+  for (int p = 0; p < in_features / 2; ++p)
+    for (int c = 0; c < kPanel; ++c) {
+      if (c < count) {
+        const uint16_t* row = w + size_t(n0 + c) * w_stride + 2 * p;
+        packed[size_t(p) * kPanel + c] = uint32_t(row[0]) | uint32_t(row[1]) << 16;
+      } else {
+        packed[size_t(p) * kPanel + c] = 0;
+      }
+    }
+}
+
+template <int MR>
+void panel_rows(const uint16_t* x, int in_features, const uint32_t* packed, int n0, int count,
+                const float* bias, float* out, int out_features) {
+  __m512 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int p = 0; p < in_features / 2; ++p) {
+    const __m512i w0 = _mm512_loadu_si512(packed + size_t(p) * kPanel);
+    const __m512i w1 = _mm512_loadu_si512(packed + size_t(p) * kPanel + 16);
+    for (int i = 0; i < MR; ++i) {
+      uint32_t pair;
+      std::memcpy(&pair, x + size_t(i) * in_features + 2 * p, sizeof pair);
+      const __m512i xv = _mm512_set1_epi32(int(pair));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)w0, (__m512bh)xv);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)w1, (__m512bh)xv);
+    }
+  }
+  const __mmask16 m0 = count >= 16 ? 0xFFFF : __mmask16((1u << count) - 1);
+  const __mmask16 m1 = count >= 32 ? 0xFFFF : count <= 16 ? 0 : __mmask16((1u << (count - 16)) - 1);
+  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias + n0) : _mm512_setzero_ps();
+  const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + n0 + 16) : _mm512_setzero_ps();
+  for (int i = 0; i < MR; ++i) {
+    float* o = out + size_t(i) * out_features + n0;
+    _mm512_mask_storeu_ps(o, m0, _mm512_add_ps(acc[i][0], b0));
+    _mm512_mask_storeu_ps(o + 16, m1, _mm512_add_ps(acc[i][1], b1));
+  }
+}
+
+using PanelRows = void (*)(const uint16_t*, int, const uint32_t*, int, int, const float*, float*, int);
+constexpr PanelRows kPanelRowsFns[kPanelRows] = {
+    panel_rows<1>, panel_rows<2>, panel_rows<3>, panel_rows<4>,  panel_rows<5>,  panel_rows<6>,
+    panel_rows<7>, panel_rows<8>, panel_rows<9>, panel_rows<10>, panel_rows<11>, panel_rows<12>};
+
+void dense_panels(const uint16_t* x, int rows, const uint16_t* w, size_t w_stride,
+                  int in_features, int out_features, const float* bias, float* out, int threads) {
+  const int panels = (out_features + kPanel - 1) / kPanel;
+  run_parts(panels, threads, [&](int panel) {
+    thread_local std::vector<uint32_t> packed;
+    packed.resize(size_t(in_features / 2) * kPanel);
+    const int n0 = panel * kPanel, count = std::min(kPanel, out_features - n0);
+    pack_panel(w, w_stride, in_features, n0, count, packed.data());
+    for (int first = 0; first < rows; first += kPanelRows) {
+      const int block = std::min(kPanelRows, rows - first);
+      kPanelRowsFns[block - 1](x + size_t(first) * in_features, in_features, packed.data(), n0,
+                               count, bias, out + size_t(first) * out_features, out_features);
+    }
+  });
+}
+
+}  // namespace
+
 // Output features in tiles small enough to stay in a core's L2 cache while
 // every block of 8 rows of x passes; the threads take tiles as they get free.
+// From kPanelMinRows rows on (even K) the packed panels above.
 void dense(const uint16_t* x, int rows, const uint16_t* w, size_t w_stride, int in_features,
            int out_features, const float* bias, float* out, int threads) {
+  constexpr int kPanelMinRows = 16;
+  if (rows >= kPanelMinRows && in_features % 2 == 0)
+    return dense_panels(x, rows, w, w_stride, in_features, out_features, bias, out, threads);
   constexpr size_t kTileBytes = 512 << 10;
   const int tile = std::max<int>(16, kTileBytes / (size_t(in_features) * 2));
   const int tiles = (out_features + tile - 1) / tile;
