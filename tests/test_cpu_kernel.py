@@ -161,12 +161,26 @@ def test_transposed_weight_rows_are_refused_at_evaluation(kernel):
 
 def test_rows_in_blocks_equal_rows_one_at_a_time(kernel):
     q, s, b = quantized(200, 256, 4, 64)
-    x = mx.random.normal((2, 11, 256), key=mx.random.key(9)).astype(mx.bfloat16)
+    x = mx.random.normal((2, 7, 256), key=mx.random.key(9)).astype(mx.bfloat16)  # 14 rows: blocks of 8
     together = kernel.quantized_matvec(x, q, s, b, 64, 4, threads=2, dtype=mx.bfloat16)
     alone = mx.concatenate(
-        [kernel.quantized_matvec(x[:, i:i + 1], q, s, b, 64, 4, dtype=mx.bfloat16) for i in range(11)], axis=1
+        [kernel.quantized_matvec(x[:, i:i + 1], q, s, b, 64, 4, dtype=mx.bfloat16) for i in range(7)], axis=1
     )
     assert mx.array_equal(together, alone)
+
+
+@pytest.mark.parametrize("bits, scale_dtype", [(4, mx.bfloat16), (8, mx.float16), (4, mx.float32)])
+def test_many_rows_in_packed_panels(kernel, bits, scale_dtype):
+    """From 16 rows (bfloat16 x) the native build packs 32 output features at a
+    time: the same formula summed in another order, the same on any threads."""
+    q, s, b = quantized(70, 256, bits, 64, scale_dtype, seed=bits)  # 70: a partial panel
+    x = mx.random.normal((2, 20, 256), key=mx.random.key(10)).astype(mx.bfloat16)
+    together = kernel.quantized_matvec(x, q, s, b, 64, bits)
+    assert max_rel(together, exact_product(x, q, s, b, 64, bits)) < 2e-6
+    alone = mx.concatenate([kernel.quantized_matvec(x[:, i:i + 1], q, s, b, 64, bits) for i in range(20)], axis=1)
+    assert max_rel(together, alone) < 2e-6
+    for threads in (2, 3):
+        assert mx.array_equal(kernel.quantized_matvec(x, q, s, b, 64, bits, threads=threads), together)
 
 
 def test_quantized_layers_use_the_kernel_unless_a_fast_blas_takes_many_rows(monkeypatch):

@@ -17,6 +17,8 @@
 // The second primitive, `matmul_bf16` (end of file), does dense bfloat16
 // products the same way.
 
+#include <array>
+
 #include "common.h"
 #include "kernels.h"
 
@@ -24,6 +26,9 @@ namespace qwen3vl {
 namespace {
 
 constexpr int kMaxRows = 8;  // rows per pass over the weights
+// From this many rows (prefill, the vision tower) products run in packed
+// panels of kPanel output features (see dense_panels and quantized_panels).
+constexpr int kPanel = 32, kPanelMinRows = 16;
 
 
 struct Problem {
@@ -257,6 +262,113 @@ void matvec(const Problem& p, int threads) {
   });
 }
 
+#ifdef QMV_AVX512_BF16
+// Many rows: as in dense_panels (below), 32 output features at a time, their
+// integer weights packed as exact bfloat16 pairs [K / 2][32], every output
+// in its own lane, and per group of inputs
+//   out += scale * (q . x) + bias * sum(x)
+// (the row kernel's formula, summed in another order).
+constexpr int kQuantizedPanelRows = 6;
+
+struct Panel {
+  std::vector<uint32_t> pairs;      // [K / 2][kPanel]
+  std::vector<float> scales, biases;  // [groups][kPanel]
+};
+
+void pack_quantized_panel(const Problem& p, int n0, int count, Panel& panel) {
+  static const auto tables = [] {
+    std::array<uint32_t, 256> nibble_pairs{}, bytes{};
+    for (int v = 0; v < 256; ++v) {
+      nibble_pairs[v] = uint32_t(bf16_bits(float(v & 15))) | uint32_t(bf16_bits(float(v >> 4))) << 16;
+      bytes[v] = bf16_bits(float(v));
+    }
+    return std::make_pair(nibble_pairs, bytes);
+  }();
+  const int pairs = p.in_features / 2, groups = p.groups();
+  panel.pairs.assign(size_t(pairs) * kPanel, 0);
+  panel.scales.assign(size_t(groups) * kPanel, 0.f);
+  panel.biases.assign(size_t(groups) * kPanel, 0.f);
+  std::vector<float> row_values(groups);
+  for (int c = 0; c < count; ++c) {
+    const size_t row = size_t(p.first_row) + n0 + c;
+    const uint8_t* w = p.weight + row * p.weight_row_stride;
+    uint32_t* column = panel.pairs.data() + c;
+    if (p.bits == 4) {
+      for (int k = 0; k < pairs; ++k) column[size_t(k) * kPanel] = tables.first[w[k]];
+    } else {
+      for (int k = 0; k < pairs; ++k)
+        column[size_t(k) * kPanel] = tables.second[w[2 * k]] | tables.second[w[2 * k + 1]] << 16;
+    }
+    load_floats(p.scales->data<char>(), p.scales->dtype(), row * p.scales->strides(0), groups, row_values.data());
+    for (int g = 0; g < groups; ++g) panel.scales[size_t(g) * kPanel + c] = row_values[g];
+    load_floats(p.biases->data<char>(), p.biases->dtype(), row * p.biases->strides(0), groups, row_values.data());
+    for (int g = 0; g < groups; ++g) panel.biases[size_t(g) * kPanel + c] = row_values[g];
+  }
+}
+
+// MR rows of x (bfloat16, rows in_features apart) x one packed panel.
+template <int MR>
+void quantized_panel_rows(const Problem& p, const uint16_t* x, const float* x_group_sums,
+                          const Panel& panel, int n0, int count, float* out) {
+  const int groups = p.groups(), pairs_per_group = p.group_size / 2;
+  __m512 total[MR][2];
+  for (int i = 0; i < MR; ++i) total[i][0] = total[i][1] = _mm512_setzero_ps();
+  for (int g = 0; g < groups; ++g) {
+    __m512 acc[MR][2];
+    for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int k = g * pairs_per_group; k < (g + 1) * pairs_per_group; ++k) {
+      const __m512i w0 = _mm512_loadu_si512(panel.pairs.data() + size_t(k) * kPanel);
+      const __m512i w1 = _mm512_loadu_si512(panel.pairs.data() + size_t(k) * kPanel + 16);
+      for (int i = 0; i < MR; ++i) {
+        uint32_t pair;
+        std::memcpy(&pair, x + size_t(i) * p.in_features + 2 * k, sizeof pair);
+        const __m512i xv = _mm512_set1_epi32(int(pair));
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)w0, (__m512bh)xv);
+        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)w1, (__m512bh)xv);
+      }
+    }
+    const float* sg = panel.scales.data() + size_t(g) * kPanel;
+    const float* bg = panel.biases.data() + size_t(g) * kPanel;
+    const __m512 s0 = _mm512_loadu_ps(sg), s1 = _mm512_loadu_ps(sg + 16);
+    const __m512 b0 = _mm512_loadu_ps(bg), b1 = _mm512_loadu_ps(bg + 16);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xs = _mm512_set1_ps(x_group_sums[size_t(i) * groups + g]);
+      total[i][0] = _mm512_fmadd_ps(xs, b0, _mm512_fmadd_ps(acc[i][0], s0, total[i][0]));
+      total[i][1] = _mm512_fmadd_ps(xs, b1, _mm512_fmadd_ps(acc[i][1], s1, total[i][1]));
+    }
+  }
+  const __mmask16 m0 = count >= 16 ? 0xFFFF : __mmask16((1u << count) - 1);
+  const __mmask16 m1 = count >= 32 ? 0xFFFF : count <= 16 ? 0 : __mmask16((1u << (count - 16)) - 1);
+  for (int i = 0; i < MR; ++i) {
+    float* o = out + size_t(i) * p.out_stride + n0;
+    _mm512_mask_storeu_ps(o, m0, total[i][0]);
+    _mm512_mask_storeu_ps(o + 16, m1, total[i][1]);
+  }
+}
+
+using QuantizedPanelRows = void (*)(const Problem&, const uint16_t*, const float*, const Panel&,
+                                    int, int, float*);
+constexpr QuantizedPanelRows kQuantizedPanelRowsFns[kQuantizedPanelRows] = {
+    quantized_panel_rows<1>, quantized_panel_rows<2>, quantized_panel_rows<3>,
+    quantized_panel_rows<4>, quantized_panel_rows<5>, quantized_panel_rows<6>};
+
+// All p.rows rows (x in p.x_bf16, their group sums in p.x_group_sums) into p.out.
+void quantized_panels(const Problem& p, int threads) {
+  const int panels = (p.out_features + kPanel - 1) / kPanel;
+  run_parts(panels, threads, [&](int index) {
+    thread_local Panel panel;
+    const int n0 = index * kPanel, count = std::min(kPanel, p.out_features - n0);
+    pack_quantized_panel(p, n0, count, panel);
+    for (int first = 0; first < p.rows; first += kQuantizedPanelRows) {
+      const int block = std::min(kQuantizedPanelRows, p.rows - first);
+      kQuantizedPanelRowsFns[block - 1](p, p.x_bf16 + size_t(first) * p.in_features,
+                                        p.x_group_sums + size_t(first) * p.groups(), panel, n0,
+                                        count, p.out + size_t(first) * p.out_stride);
+    }
+  });
+}
+#endif
+
 // The rows of x in blocks of up to kMaxRows: each block streams the weights once.
 void quantized_matvec_rows(const mx::array& x, const mx::array& w, const mx::array& s,
                            const mx::array& b, mx::array& out, int group_size, int bits,
@@ -267,6 +379,25 @@ void quantized_matvec_rows(const mx::array& x, const mx::array& w, const mx::arr
   const int out_features = out.shape(-1);
   std::vector<char> x_copy;  // when x is a strided view
   const char* x_data = row_major_data(x, x_copy);
+#ifdef QMV_AVX512_BF16
+  if (rows >= kPanelMinRows && x.dtype() == mx::bfloat16 && group_size % 2 == 0 &&
+      s.dtype() == b.dtype()) {
+    std::vector<float> xf(static_cast<size_t>(in_features)), sums(size_t(rows) * groups, 0.f);
+    for (int m = 0; m < rows; ++m) {
+      load_floats(x_data, x.dtype(), size_t(m) * in_features, in_features, xf.data());
+      for (int g = 0; g < groups; ++g)
+        for (int i = 0; i < group_size; ++i) sums[size_t(m) * groups + g] += xf[g * group_size + i];
+    }
+    std::vector<float> out_f32(out.dtype() == mx::float32 ? 0 : out.size());
+    float* results = out_f32.empty() ? out.data<float>() : out_f32.data();
+    Problem p{rows, in_features, out_features, group_size, bits, /*first_row=*/0,
+              w.data<uint8_t>(), size_t(w.strides(0)) * w.itemsize(), &s, &b, nullptr,
+              reinterpret_cast<const uint16_t*>(x_data), sums.data(), results, out_features};
+    quantized_panels(p, threads);
+    if (!out_f32.empty()) store_as(results, out.size(), out, 0);
+    return;
+  }
+#endif
   // Blocks of up to kMaxRows rows: each streams the weights once.
   const int max_block = std::min(kMaxRows, rows);
   std::vector<float> xf(size_t(max_block) * in_features), sums(size_t(max_block) * groups);
@@ -425,7 +556,7 @@ namespace {
 // inputs broadcast: 2 weight loads per 2 * MR dot products and no horizontal
 // sums (the row-dot kernel above sums 16 lanes per output). The packed
 // panel (K * 64 bytes) stays in L2 while all rows pass.
-constexpr int kPanel = 32, kPanelRows = 12;
+constexpr int kPanelRows = 12;
 
 void pack_panel(const uint16_t* w, size_t w_stride, int in_features, int n0, int count,
                 uint32_t* packed) {
@@ -495,7 +626,6 @@ void dense_panels(const uint16_t* x, int rows, const uint16_t* w, size_t w_strid
 // From kPanelMinRows rows on (even K) the packed panels above.
 void dense(const uint16_t* x, int rows, const uint16_t* w, size_t w_stride, int in_features,
            int out_features, const float* bias, float* out, int threads) {
-  constexpr int kPanelMinRows = 16;
   if (rows >= kPanelMinRows && in_features % 2 == 0)
     return dense_panels(x, rows, w, w_stride, in_features, out_features, bias, out, threads);
   constexpr size_t kTileBytes = 512 << 10;
