@@ -19,6 +19,12 @@ def policy(monkeypatch):
     return set_policy
 
 
+@pytest.fixture
+def no_native_bf16(monkeypatch):
+    """A CPU without AVX-512 BF16: bfloat16 products of several rows go to a fast BLAS."""
+    monkeypatch.setattr(layers, "_kernel_with_dense_bf16", lambda: None)
+
+
 def dense_layer(dtype=mx.bfloat16, bias=True):
     mx.random.seed(3)
     layer = layers.Linear(256, 192, bias=bias)
@@ -34,7 +40,7 @@ def max_rel(a, b):
 
 
 @pytest.mark.parametrize("rows", [1, 7])
-def test_float32_product_through_fast_blas_matches_bf16(policy, rows):
+def test_float32_product_through_fast_blas_matches_bf16(policy, no_native_bf16, rows):
     layer = dense_layer()
     x = mx.random.normal((2, rows, 256)).astype(mx.bfloat16)
     policy(True, False)
@@ -122,7 +128,13 @@ def test_policy_follows_device_and_preloaded_blas(blas, expected):
     assert out.stdout.strip() == expected
 
 
-def test_vision_runs_in_float32_only_with_a_fast_blas(policy, tiny_checkpoint):
+def test_vision_keeps_bfloat16_with_the_native_kernel_and_a_fast_blas(policy):
+    policy(True, True)
+    expected = mx.bfloat16 if layers._kernel_with_dense_bf16() is not None else mx.float32
+    assert layers.vision_compute_dtype(mx.bfloat16) == expected
+
+
+def test_vision_runs_in_float32_only_with_a_fast_blas(policy, no_native_bf16, tiny_checkpoint):
     from pathlib import Path
 
     from mlx_vlm.utils import load_model

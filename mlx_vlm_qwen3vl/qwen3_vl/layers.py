@@ -7,22 +7,25 @@ the same arithmetic is much faster in another form:
 
 - Quantized weights: the native kernel (cpu_kernel.py) streams the packed
   weights once per 8 rows, ~20x faster than MLX's `quantized_matmul` at one
-  row and ~12-19x faster than dequantize + matmul at 16-64 rows. Only with an
-  optimized BLAS do many rows go to dequantize + sgemm instead. Without the
+  row; from 16 bfloat16 rows (prefill) it packs 32 output features at a time
+  (~340 GFLOP/s on two cores with AVX-512 BF16). Only where it lacks that
+  path (another CPU, other activation dtypes) do many rows go to dequantize +
+  sgemm when an optimized BLAS is loaded. Without the
   kernel: `quantized_matmul` with float32 activations, scales and biases for
   a few rows (~8x faster than with bfloat16 ones), dequantize + matmul for
   more (~19x faster than `quantized_matmul` in bfloat16 at 128 rows). All of
   these are closer to the exact product than MLX's bfloat16 kernel.
 - Dense bfloat16 weights: MLX's CPU bfloat16 matmul runs at ~7 GFLOP/s
   per core (~2 GB/s as a matrix-vector product); the native kernel, where
-  the CPU has AVX-512 BF16, does 150-190 GFLOP/s on two cores for the
-  vision tower and prefill and ~22x MLX's speed per decode product.
-- bfloat16 products never reach BLAS. With an optimized BLAS preloaded
-  (`MLX_VLM_QWEN3VL_BLAS`, see cpu_blas.py), products of several rows
-  (prefill, the vision tower) run in float32 through sgemm (6-40x faster);
-  the vision tower then runs wholly in float32 (`vision_compute_dtype`).
-  Single rows keep their kernel: upcasting a matrix-vector product costs more
-  than it saves.
+  the CPU has AVX-512 BF16, does ~350-380 GFLOP/s on two cores for the
+  vision tower and prefill (packed panels; an optimized float32 sgemm
+  reaches ~185 here) and ~22x MLX's speed per decode product.
+- Without that kernel path, with an optimized BLAS preloaded
+  (`MLX_VLM_QWEN3VL_BLAS`, see cpu_blas.py), bfloat16 products of several
+  rows (prefill, the vision tower) run in float32 through sgemm (6-40x
+  faster than MLX's bfloat16 matmul); the vision tower then runs wholly in
+  float32 (`vision_compute_dtype`). Single rows keep their kernel: upcasting
+  a matrix-vector product costs more than it saves.
 - MLX's CPU kernels use one thread: every product not handed to the fast
   BLAS runs its output features in slices, one stream per core
   (parallel.py; bit-identical). Dense temporaries (dequantized or upcast
@@ -74,16 +77,20 @@ def _rows(x: mx.array) -> int:
 
 
 def _upcast(x: mx.array) -> bool:
-    """Run this dense product in float32 through the fast BLAS?"""
+    """Run this dense product in float32 through the fast BLAS? (Only asked
+    when the native bfloat16 kernel does not take it.)"""
     on_cpu, fast_blas = cpu_policy()
     return fast_blas and x.dtype != mx.float32 and _rows(x) > 1
 
 
 def vision_compute_dtype(dtype):
     """The vision tower is matmul-bound on every row: with a fast BLAS on the
-    CPU run all of it (attention and norms too) in float32."""
+    CPU and no native bfloat16 kernel run all of it (attention and norms too)
+    in float32."""
     on_cpu, fast_blas = cpu_policy()
-    return mx.float32 if fast_blas else dtype
+    if not fast_blas or _kernel_with_dense_bf16() is not None:
+        return dtype
+    return mx.float32
 
 
 def _cpu_quantized(layer) -> bool:
@@ -108,11 +115,13 @@ def _sliced_product(product, out_features: int, temporary_row_bytes: int, parall
 
 def _native_kernel(layer, x: mx.array):
     """The native kernel, when it takes this product: always, unless an
-    optimized BLAS does many rows faster after dequantizing."""
+    optimized BLAS does many rows faster after dequantizing (where the kernel
+    has no packed panels for them: bfloat16 x on an AVX-512 BF16 build)."""
     if layer.bits not in (4, 8) or "biases" not in layer or x.shape[-1] % layer.group_size:
         return None
     if _rows(x) > QUANTIZED_KERNEL_MAX_ROWS and cpu_policy()[1]:
-        return None
+        if x.dtype != mx.bfloat16 or _kernel_with_dense_bf16() is None:
+            return None
     return cpu_kernel.load()
 
 
@@ -165,10 +174,8 @@ def _quantized_product(layer, x: mx.array) -> mx.array:
 
 def _native_dense_kernel(x: mx.array, weight: mx.array):
     """The native bfloat16 kernel, when it takes this product: bfloat16 x and
-    W on a CPU with AVX-512 BF16, unless a fast BLAS does many rows faster."""
+    W on a CPU with AVX-512 BF16 (faster than a BLAS's float32 sgemm)."""
     if x.dtype != mx.bfloat16 or weight.dtype != mx.bfloat16 or x.shape[-1] % 32:
-        return None
-    if _rows(x) > 1 and cpu_policy()[1]:
         return None
     return _kernel_with_dense_bf16()
 
