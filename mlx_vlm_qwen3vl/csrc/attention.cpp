@@ -17,61 +17,11 @@ namespace qwen3vl {
 namespace {
 
 #ifdef QMV_AVX512_BF16
-// Keys as bfloat16 pairs of dimensions, [D / 2][T] 32-bit words: 16 keys per
-// vector, so that scores need no horizontal sums (with D = 64 a key's dot
-// product is two instructions; its horizontal sum cost more).
-std::vector<uint32_t> pack_key_pairs(const uint16_t* k, int T, int D) {
-  std::vector<uint32_t> packed(size_t(D / 2) * T);
-  for (int t = 0; t < T; ++t)
-    for (int p = 0; p < D / 2; ++p)
-      packed[size_t(p) * T + t] = uint32_t(k[size_t(t) * D + 2 * p]) |
-                                  uint32_t(k[size_t(t) * D + 2 * p + 1]) << 16;
-  return packed;
-}
-
-// scores [rows, keys] (float32) = q [rows, D] . keys 0..keys-1 of the packed k [D / 2][T].
-// Four query rows by 64 keys at a time; a query's pair of dimensions is broadcast.
-void pair_scores(const uint16_t* q, int rows, const uint32_t* k_pairs, int T, int D, int keys,
-                 float* scores) {
-  constexpr int kRows = 4, kVectors = 4;
-  for (int r0 = 0; r0 < rows; r0 += kRows) {
-    const int nr = std::min(kRows, rows - r0);
-    for (int t0 = 0; t0 < keys; t0 += 16 * kVectors) {
-      __mmask16 mask[kVectors];
-      for (int j = 0; j < kVectors; ++j) {
-        const int left = keys - t0 - 16 * j;
-        mask[j] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : __mmask16((1u << left) - 1);
-      }
-      __m512 acc[kRows][kVectors];
-      for (int i = 0; i < kRows; ++i)
-        for (int j = 0; j < kVectors; ++j) acc[i][j] = _mm512_setzero_ps();
-      for (int p = 0; p < D / 2; ++p) {
-        __m512i kv[kVectors];
-        for (int j = 0; j < kVectors; ++j)
-          kv[j] = _mm512_maskz_loadu_epi32(mask[j], k_pairs + size_t(p) * T + t0 + 16 * j);
-        for (int i = 0; i < kRows; ++i) {
-          if (i >= nr) break;
-          uint32_t pair;
-          std::memcpy(&pair, q + size_t(r0 + i) * D + 2 * p, sizeof pair);
-          const __m512i qv = _mm512_set1_epi32(int(pair));
-          for (int j = 0; j < kVectors; ++j)
-            acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)kv[j], (__m512bh)qv);
-        }
-      }
-      for (int i = 0; i < nr; ++i)
-        for (int j = 0; j < kVectors; ++j)
-          _mm512_mask_storeu_ps(scores + size_t(r0 + i) * keys + t0 + 16 * j, mask[j], acc[i][j]);
-    }
-  }
-}
-
-// One (batch, head): q [L, D] and k [T, D] contiguous (with D even, also
-// `k_pairs`, else null), v transposed [D, T];
+// One (batch, head): q [L, D] and k [T, D] contiguous, v transposed [D, T];
 // out rows `out_stride` apart. Causal: query l sees keys up to T - L + l, and
 // the others get the lowest bfloat16 score, as the fallback's mask does.
-void head_attention(const uint16_t* q, const uint16_t* k, const uint32_t* k_pairs,
-                    const uint16_t* vt, int L, int T, int D, bool causal, uint16_t* out,
-                    size_t out_stride) {
+void head_attention(const uint16_t* q, const uint16_t* k, const uint16_t* vt, int L, int T, int D,
+                    bool causal, uint16_t* out, size_t out_stride) {
   constexpr int kBlock = 32;  // query rows at a time: scores stay in L2
   std::vector<float> scores(size_t(kBlock) * T), values(size_t(kBlock) * D);
   std::vector<uint16_t> probabilities(size_t(kBlock) * T);
@@ -79,8 +29,7 @@ void head_attention(const uint16_t* q, const uint16_t* k, const uint32_t* k_pair
     const int rows = std::min(kBlock, L - first);
     // Keys no row of this block sees (causal) get probability 0: skip them.
     const int keys = causal ? std::min(T, T - L + first + rows) : T;
-    if (k_pairs) pair_scores(q + size_t(first) * D, rows, k_pairs, T, D, keys, scores.data());
-    else dense(q + size_t(first) * D, rows, k, D, D, keys, nullptr, scores.data(), 1);
+    dense(q + size_t(first) * D, rows, k, D, D, keys, nullptr, scores.data(), 1);
     for (int r = 0; r < rows; ++r) {
       float* s = scores.data() + size_t(r) * keys;
       float top = -INFINITY;
@@ -140,11 +89,9 @@ mx::array attention_bf16(const mx::array& q, const mx::array& k, const mx::array
       const uint16_t* vh = data[2] + kv_head * T * D;
       for (int t = 0; t < T; ++t)
         for (int d = 0; d < D; ++d) vt[size_t(d) * T + t] = vh[size_t(t) * D + d];
-      const uint16_t* kh = data[1] + kv_head * T * D;
-      const std::vector<uint32_t> k_pairs = D % 2 == 0 ? pack_key_pairs(kh, T, D) : std::vector<uint32_t>{};
       // out [B, L, H * D]: this head's D columns of each row.
-      head_attention(qs.data(), kh, k_pairs.empty() ? nullptr : k_pairs.data(), vt.data(), L, T,
-                     D, causal, o + size_t(b) * L * H * D + size_t(h) * D, size_t(H) * D);
+      head_attention(qs.data(), data[1] + kv_head * T * D, vt.data(), L, T, D, causal,
+                     o + size_t(b) * L * H * D + size_t(h) * D, size_t(H) * D);
     });
 #endif
   };
