@@ -369,6 +369,17 @@ void quantized_panels(const Problem& p, int threads) {
 }
 #endif
 
+// sums[m * groups + g] = the sum of row m's inputs in group g, in order.
+void group_sums(const float* x, int rows, int in_features, int group_size, float* sums) {
+  const int groups = in_features / group_size;
+  for (int m = 0; m < rows; ++m)
+    for (int g = 0; g < groups; ++g) {
+      float total = 0.f;
+      for (int i = 0; i < group_size; ++i) total += x[size_t(m) * in_features + g * group_size + i];
+      sums[size_t(m) * groups + g] = total;
+    }
+}
+
 // The rows of x in blocks of up to kMaxRows: each block streams the weights once.
 void quantized_matvec_rows(const mx::array& x, const mx::array& w, const mx::array& s,
                            const mx::array& b, mx::array& out, int group_size, int bits,
@@ -382,11 +393,10 @@ void quantized_matvec_rows(const mx::array& x, const mx::array& w, const mx::arr
 #ifdef QMV_AVX512_BF16
   if (rows >= kPanelMinRows && x.dtype() == mx::bfloat16 && group_size % 2 == 0 &&
       s.dtype() == b.dtype()) {
-    std::vector<float> xf(static_cast<size_t>(in_features)), sums(size_t(rows) * groups, 0.f);
+    std::vector<float> xf(static_cast<size_t>(in_features)), sums(size_t(rows) * groups);
     for (int m = 0; m < rows; ++m) {
       load_floats(x_data, x.dtype(), size_t(m) * in_features, in_features, xf.data());
-      for (int g = 0; g < groups; ++g)
-        for (int i = 0; i < group_size; ++i) sums[size_t(m) * groups + g] += xf[g * group_size + i];
+      group_sums(xf.data(), 1, in_features, group_size, sums.data() + size_t(m) * groups);
     }
     std::vector<float> out_f32(out.dtype() == mx::float32 ? 0 : out.size());
     float* results = out_f32.empty() ? out.data<float>() : out_f32.data();
@@ -406,11 +416,7 @@ void quantized_matvec_rows(const mx::array& x, const mx::array& w, const mx::arr
     const int block = std::min(kMaxRows, rows - first);
     const char* x_block = x_data + size_t(first) * in_features * x.itemsize();
     load_floats(x_block, x.dtype(), 0, size_t(block) * in_features, xf.data());
-    std::fill(sums.begin(), sums.end(), 0.f);
-    for (int m = 0; m < block; ++m)
-      for (int g = 0; g < groups; ++g)
-        for (int i = 0; i < group_size; ++i)
-          sums[m * groups + g] += xf[size_t(m) * in_features + g * group_size + i];
+    group_sums(xf.data(), block, in_features, group_size, sums.data());
     float* results = out_f32.empty() ? out.data<float>() + size_t(first) * out_features
                                      : out_f32.data();
     Problem p{block, in_features, out_features, group_size, bits, /*first_row=*/0,
