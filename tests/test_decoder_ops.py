@@ -50,6 +50,28 @@ def test_rms_norm_matches_mx_fast_rms_norm(kernel, dtype, shape):
     assert_close(kernel.rms_norm(x, w, 1e-6), mx.fast.rms_norm(x, w, 1e-6), dtype)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape", [(784, 1024), (2, 7, 96)])
+def test_layer_norm_matches_mx_fast_layer_norm(kernel, dtype, shape):
+    x = normal(shape, 0, dtype, 3.0) + 0.5  # a mean to take away
+    w = (1 + normal(shape[-1:], 1, mx.float32, 0.2)).astype(dtype)
+    b = normal(shape[-1:], 2, dtype, 0.3)
+    for threads in (1, 2):
+        assert_close(kernel.layer_norm(x, w, b, 1e-6, threads=threads),
+                     mx.fast.layer_norm(x, w, b, 1e-6), dtype, identical=0.99)
+    strided = mx.stack([x, x], axis=-1)[..., 0]  # every other element of a wider buffer
+    assert mx.array_equal(kernel.layer_norm(strided, w, b, 1e-6), kernel.layer_norm(x, w, b, 1e-6))
+
+
+def test_layer_norm_module_takes_the_kernel_where_it_can(monkeypatch):
+    norm = decoder_ops.LayerNorm(64, eps=1e-6)
+    norm.update({"weight": 1 + normal((64,), 3, mx.float32, 0.1), "bias": normal((64,), 4, mx.float32, 0.1)})
+    x = normal((5, 64), 5, mx.float32)
+    assert_close(norm(x), mx.fast.layer_norm(x, norm.weight, norm.bias, 1e-6), mx.float32)
+    without_bias = decoder_ops.LayerNorm(64, eps=1e-6, bias=False)  # MLX's own
+    assert mx.array_equal(without_bias(x), mx.fast.layer_norm(x, without_bias.weight, None, 1e-6))
+
+
 def reference_norm_rope(x, w, offset, n_heads, base):
     B, L, _ = x.shape
     heads = mx.fast.rms_norm(x.reshape(B, L, n_heads, -1), w, 1e-6).transpose(0, 2, 1, 3)
@@ -153,6 +175,7 @@ def test_gelu_approx_keeps_its_shape_and_strides(kernel):
         (lambda k: k.decode_attention(mx.ones((1, 2, 1, 8)), mx.ones((1, 2, 5, 8)), mx.ones((1, 2, 5, 8)), 1.0, mx.ones((1, 1, 1, 4), mx.bool_)), "mask must be"),
         (lambda k: k.silu_mul(mx.ones((4,)), mx.ones((5,))), "share"),
         (lambda k: k.gelu_approx(mx.ones((4,), mx.int32)), "floating point"),
+        (lambda k: k.layer_norm(mx.ones((2, 8)), mx.ones((8,)), mx.ones((7,)), 1e-6), "weight and bias must be"),
     ],
 )
 def test_bad_inputs_are_named(kernel, call, message):

@@ -214,7 +214,7 @@ def test_bfloat16_weights_compute_in_bfloat16(torch_weights, reference):
     assert error <= 0.05 * np.abs(expected).max()
 
 
-def test_bfloat16_tower_takes_the_native_attention_and_gelu_and_matches_mlx_ops(
+def test_bfloat16_tower_takes_the_native_attention_gelu_and_norms_and_matches_mlx_ops(
     torch_weights, monkeypatch
 ):
     from mlx_vlm_qwen3vl import cpu_kernel
@@ -225,14 +225,19 @@ def test_bfloat16_tower_takes_the_native_attention_and_gelu_and_matches_mlx_ops(
     assert bf16.blocks[0].mlp.act is decoder_ops.gelu_approx
     grid = [IMAGE, (2, 4, 6)]  # an image and a two-frame video: several windows
     values = mx.array(pixels(grid, seed=3))
-    attention_calls, gelu_calls = [], []
+    attention_calls, small_op_calls = [], []
     real_attention, real_kernel = vision.native_attention_kernel, decoder_ops._kernel
     monkeypatch.setattr(vision, "native_attention_kernel",
                         lambda q: attention_calls.append(q.shape) or real_attention(q))
-    monkeypatch.setattr(decoder_ops, "_kernel", lambda x, *others: gelu_calls.append(x.shape) or real_kernel(x, *others))
+    monkeypatch.setattr(decoder_ops, "_kernel",
+                        lambda x, *others: small_op_calls.append(len(others)) or real_kernel(x, *others))
     native, native_deepstack = bf16(values, grid)
     assert (real_attention(mx.ones((1,), mx.bfloat16)) is not None) == kernel.has_dense_bf16()
-    assert attention_calls and len(gelu_calls) == len(bf16.blocks)
+    assert attention_calls
+    # GELU (x alone) in every block; LayerNorm (x, weight, bias) twice a block and once a merger.
+    mergers = 1 + len(bf16.deepstack_merger_list)
+    assert small_op_calls.count(0) == len(bf16.blocks)
+    assert small_op_calls.count(2) == 2 * len(bf16.blocks) + mergers
     monkeypatch.setattr(vision, "native_attention_kernel", lambda q: None)
     monkeypatch.setattr(decoder_ops, "_kernel", lambda x, *others: None)
     composed, composed_deepstack = bf16(values, grid)

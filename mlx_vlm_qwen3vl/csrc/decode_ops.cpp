@@ -1,6 +1,6 @@
 // The decoder's small ops as single MLX primitives: RMSNorm, the q/k head
 // norm with rotary positions, one-query attention over the KV cache, and the
-// SwiGLU gate; and the vision MLP's GELU (tanh approximation). On MLX's CPU backend `mx.fast.rms_norm`, `mx.fast.rope` and
+// SwiGLU gate; and the vision tower's LayerNorm and GELU (tanh approximation). On MLX's CPU backend `mx.fast.rms_norm`, `mx.fast.rope` and
 // `mx.fast.scaled_dot_product_attention` run as their composed fallbacks (5
 // to 20 ops each, ~4-5 us of dispatch per op) and `exp` costs ~12 ns per
 // element: in a 4-bit decode step these ops took ~26 ms around ~35 ms of
@@ -130,6 +130,47 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::S
   };
   return mx::array(x.shape(), x.dtype(), std::make_shared<CpuOp>(stream, "RMSNormRows", fn),
                    {x, weight});
+}
+
+// mx.fast.layer_norm as its CPU fallback computes it: in float32 x - mean
+// times rsqrt(variance + eps), rounded to x's dtype, times the weight
+// (rounded), plus the bias (rounded). Rows split over `threads`.
+mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::array& bias,
+                     float eps, int threads, mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s, "layer_norm");
+  check_float(x, "layer_norm", "x");
+  for (const mx::array* a : {&weight, &bias})
+    if (a->dtype() != x.dtype() || a->ndim() != 1 || x.ndim() < 1 || a->shape(0) != x.shape(-1))
+      throw std::invalid_argument(
+          "layer_norm: weight and bias must be [D] of x's dtype for x [..., D]");
+  auto fn = [eps, threads](const std::vector<mx::array>& in, mx::array& out) {
+    const int n = in[0].shape(-1);
+    const size_t rows = in[0].size() / n;
+    std::vector<char> x_copy, w_copy, b_copy;
+    const char* x = row_major_data(in[0], x_copy);
+    const char* w = row_major_data(in[1], w_copy);
+    const char* b = row_major_data(in[2], b_copy);
+    dispatch_float(out.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const int parts = int(std::min<size_t>(rows, size_t(threads) * 4));
+      run_parts(parts, threads, [&](int part) {
+        std::vector<float> row(n);
+        for (size_t r = rows * part / parts; r < rows * (part + 1) / parts; ++r) {
+          to_floats<T>(elements<T>(x) + r * n, row.data(), n);
+          const float mean = sum(row.data(), n) * (1.f / n);
+          for (int i = 0; i < n; ++i) row[i] -= mean;
+          const float inverse = 1.f / std::sqrt(dot(row.data(), row.data(), n) * (1.f / n) + eps);
+          Storage<T>* o = elements<T>(out) + r * n;
+          for (int i = 0; i < n; ++i) {
+            const float scaled = round_to<T>(round_to<T>(row[i] * inverse) * to_float<T>(elements<T>(w)[i]));
+            o[i] = round_and_store<T>(scaled + to_float<T>(elements<T>(b)[i]));
+          }
+        }
+      });
+    });
+  };
+  return mx::array(x.shape(), x.dtype(), std::make_shared<CpuOp>(stream, "LayerNormRows", fn),
+                   {x, weight, bias});
 }
 
 mx::array norm_rope(const mx::array& x, const mx::array& weight, const mx::array& offsets,

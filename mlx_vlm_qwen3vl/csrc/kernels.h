@@ -26,6 +26,8 @@ const char* kernel_name();
 
 // The decoder's small ops (decode_ops.cpp).
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s);
+mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::array& bias,
+                     float eps, int threads, mx::StreamOrDevice s);
 mx::array norm_rope(const mx::array& x, const mx::array& weight, const mx::array& offsets,
                     int n_heads, float eps, float base, mx::StreamOrDevice s);
 mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v,

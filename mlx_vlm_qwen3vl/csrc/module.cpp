@@ -22,6 +22,9 @@ NB_MODULE(_quantized_matvec, m) {
         "(default bfloat16), on `threads` threads. AVX-512 BF16 builds only.");
   m.def("rms_norm", &rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
         "RMSNorm over the last axis, rounded as mx.fast.rms_norm's CPU fallback rounds.");
+  m.def("layer_norm", &layer_norm, "x"_a, "weight"_a, "bias"_a, "eps"_a, nb::kw_only(),
+        "threads"_a = 1, "stream"_a = nb::none(),
+        "LayerNorm over the last axis, rounded as mx.fast.layer_norm's CPU fallback rounds.");
   m.def("norm_rope", &norm_rope, "x"_a, "weight"_a, "offsets"_a, "n_heads"_a, "eps"_a, "base"_a,
         nb::kw_only(), "stream"_a = nb::none(),
         "x [B, L, n_heads * D] -> [B, n_heads, L, D]: RMSNorm of each head, then\n"

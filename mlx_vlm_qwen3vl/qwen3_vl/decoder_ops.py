@@ -1,5 +1,5 @@
-"""The decoder's small ops (and the vision MLP's GELU), each one native op
-on MLX's CPU backend.
+"""The decoder's small ops (and the vision tower's LayerNorm and GELU), each
+one native op on MLX's CPU backend.
 
 On the CPU, MLX runs `mx.fast.rms_norm`, `mx.fast.rope` and
 `mx.fast.scaled_dot_product_attention` as their composed fallbacks (5-20 ops
@@ -41,6 +41,18 @@ class RMSNorm(nn.RMSNorm):
         if kernel is None:
             return super().__call__(x)
         return kernel.rms_norm(x, self.weight, self.eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    """The vision tower's norm (MLX's CPU fallback: ~3.5 ms per 784x1024 call)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "weight" not in self or "bias" not in self:
+            return super().__call__(x)
+        kernel = _kernel(x, self.weight, self.bias)
+        if kernel is None:
+            return super().__call__(x)
+        return kernel.layer_norm(x, self.weight, self.bias, self.eps, threads=worker_count())
 
 
 def silu_mul(gate: mx.array, up: mx.array) -> mx.array:

@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import VisionConfig
-from .decoder_ops import gelu_approx
+from .decoder_ops import LayerNorm, gelu_approx
 from .layers import Linear, dense_product, is_loadable_weight, native_attention_kernel
 from .parallel import split_axis, worker_count
 
@@ -194,8 +194,8 @@ class VisionMLP(nn.Module):
 class VisionBlock(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attn = VisionAttention(config)
         self.mlp = VisionMLP(config)
 
@@ -214,7 +214,7 @@ class PatchMerger(nn.Module):
         self.merged_size = config.hidden_size * config.spatial_merge_size**2
         self.postshuffle_norm = postshuffle_norm
         norm_size = self.merged_size if postshuffle_norm else config.hidden_size
-        self.norm = nn.LayerNorm(norm_size, eps=config.layer_norm_eps)
+        self.norm = LayerNorm(norm_size, eps=config.layer_norm_eps)
         self.linear_fc1 = Linear(self.merged_size, self.merged_size)
         self.linear_fc2 = Linear(self.merged_size, config.out_hidden_size)
 
