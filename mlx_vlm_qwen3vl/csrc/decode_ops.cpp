@@ -1,6 +1,7 @@
 // The decoder's small ops as single MLX primitives: RMSNorm, the q/k head
 // norm with rotary positions, one-query attention over the KV cache, and the
-// SwiGLU gate; and the vision tower's LayerNorm and GELU (tanh approximation). On MLX's CPU backend `mx.fast.rms_norm`, `mx.fast.rope` and
+// SwiGLU gate; and the vision tower's LayerNorm and GELU (tanh approximation).
+// On MLX's CPU backend `mx.fast.rms_norm`, `mx.fast.rope` and
 // `mx.fast.scaled_dot_product_attention` run as their composed fallbacks (5
 // to 20 ops each, ~4-5 us of dispatch per op) and `exp` costs ~12 ns per
 // element: in a 4-bit decode step these ops took ~26 ms around ~35 ms of

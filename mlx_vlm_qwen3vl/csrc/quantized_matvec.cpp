@@ -30,6 +30,45 @@ constexpr int kMaxRows = 8;  // rows per pass over the weights
 // panels of kPanel output features (see dense_panels and quantized_panels).
 constexpr int kPanel = 32, kPanelMinRows = 16;
 
+#ifdef QMV_AVX512_BF16
+// The panels' inner loop: MR rows of bfloat16 x (rows in_features apart)
+// times packed pairs [first, last) of one panel, into acc [MR][2] (32 outputs).
+template <int MR>
+__attribute__((always_inline)) inline void add_panel_pairs(const uint16_t* x, int in_features,
+                                                           const uint32_t* packed, int first,
+                                                           int last, __m512 (&acc)[MR][2]) {
+  for (int k = first; k < last; ++k) {
+    const __m512i w0 = _mm512_loadu_si512(packed + size_t(k) * kPanel);
+    const __m512i w1 = _mm512_loadu_si512(packed + size_t(k) * kPanel + 16);
+    for (int i = 0; i < MR; ++i) {
+      uint32_t pair;
+      std::memcpy(&pair, x + size_t(i) * in_features + 2 * k, sizeof pair);
+      const __m512i xv = _mm512_set1_epi32(int(pair));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)w0, (__m512bh)xv);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)w1, (__m512bh)xv);
+    }
+  }
+}
+
+// Which of a panel's 16 outputs in vector `half` (0 or 1) exist, of `count`.
+inline __mmask16 panel_mask(int count, int half) {
+  const int left = count - 16 * half;
+  return left >= 16 ? 0xFFFF : left <= 0 ? 0 : __mmask16((1u << left) - 1);
+}
+
+// Stores MR rows of a panel's outputs (the first `count` of 32) plus b0/b1.
+template <int MR>
+inline void store_panel(const __m512 (&acc)[MR][2], int count, __m512 b0, __m512 b1, float* out,
+                        size_t out_stride) {
+  const __mmask16 m0 = panel_mask(count, 0), m1 = panel_mask(count, 1);
+  for (int i = 0; i < MR; ++i) {
+    float* o = out + size_t(i) * out_stride;
+    _mm512_mask_storeu_ps(o, m0, _mm512_add_ps(acc[i][0], b0));
+    _mm512_mask_storeu_ps(o + 16, m1, _mm512_add_ps(acc[i][1], b1));
+  }
+}
+#endif
+
 
 struct Problem {
   int rows, in_features, out_features, group_size, bits;
@@ -316,17 +355,8 @@ void quantized_panel_rows(const Problem& p, const uint16_t* x, const float* x_gr
   for (int g = 0; g < groups; ++g) {
     __m512 acc[MR][2];
     for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    for (int k = g * pairs_per_group; k < (g + 1) * pairs_per_group; ++k) {
-      const __m512i w0 = _mm512_loadu_si512(panel.pairs.data() + size_t(k) * kPanel);
-      const __m512i w1 = _mm512_loadu_si512(panel.pairs.data() + size_t(k) * kPanel + 16);
-      for (int i = 0; i < MR; ++i) {
-        uint32_t pair;
-        std::memcpy(&pair, x + size_t(i) * p.in_features + 2 * k, sizeof pair);
-        const __m512i xv = _mm512_set1_epi32(int(pair));
-        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)w0, (__m512bh)xv);
-        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)w1, (__m512bh)xv);
-      }
-    }
+    add_panel_pairs<MR>(x, p.in_features, panel.pairs.data(), g * pairs_per_group,
+                        (g + 1) * pairs_per_group, acc);
     const float* sg = panel.scales.data() + size_t(g) * kPanel;
     const float* bg = panel.biases.data() + size_t(g) * kPanel;
     const __m512 s0 = _mm512_loadu_ps(sg), s1 = _mm512_loadu_ps(sg + 16);
@@ -337,13 +367,7 @@ void quantized_panel_rows(const Problem& p, const uint16_t* x, const float* x_gr
       total[i][1] = _mm512_fmadd_ps(xs, b1, _mm512_fmadd_ps(acc[i][1], s1, total[i][1]));
     }
   }
-  const __mmask16 m0 = count >= 16 ? 0xFFFF : __mmask16((1u << count) - 1);
-  const __mmask16 m1 = count >= 32 ? 0xFFFF : count <= 16 ? 0 : __mmask16((1u << (count - 16)) - 1);
-  for (int i = 0; i < MR; ++i) {
-    float* o = out + size_t(i) * p.out_stride + n0;
-    _mm512_mask_storeu_ps(o, m0, total[i][0]);
-    _mm512_mask_storeu_ps(o + 16, m1, total[i][1]);
-  }
+  store_panel<MR>(total, count, _mm512_setzero_ps(), _mm512_setzero_ps(), out + n0, p.out_stride);
 }
 
 using QuantizedPanelRows = void (*)(const Problem&, const uint16_t*, const float*, const Panel&,
@@ -582,26 +606,10 @@ void panel_rows(const uint16_t* x, int in_features, const uint32_t* packed, int 
                 const float* bias, float* out, int out_features) {
   __m512 acc[MR][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-  for (int p = 0; p < in_features / 2; ++p) {
-    const __m512i w0 = _mm512_loadu_si512(packed + size_t(p) * kPanel);
-    const __m512i w1 = _mm512_loadu_si512(packed + size_t(p) * kPanel + 16);
-    for (int i = 0; i < MR; ++i) {
-      uint32_t pair;
-      std::memcpy(&pair, x + size_t(i) * in_features + 2 * p, sizeof pair);
-      const __m512i xv = _mm512_set1_epi32(int(pair));
-      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)w0, (__m512bh)xv);
-      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)w1, (__m512bh)xv);
-    }
-  }
-  const __mmask16 m0 = count >= 16 ? 0xFFFF : __mmask16((1u << count) - 1);
-  const __mmask16 m1 = count >= 32 ? 0xFFFF : count <= 16 ? 0 : __mmask16((1u << (count - 16)) - 1);
-  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias + n0) : _mm512_setzero_ps();
-  const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + n0 + 16) : _mm512_setzero_ps();
-  for (int i = 0; i < MR; ++i) {
-    float* o = out + size_t(i) * out_features + n0;
-    _mm512_mask_storeu_ps(o, m0, _mm512_add_ps(acc[i][0], b0));
-    _mm512_mask_storeu_ps(o + 16, m1, _mm512_add_ps(acc[i][1], b1));
-  }
+  add_panel_pairs<MR>(x, in_features, packed, 0, in_features / 2, acc);
+  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(panel_mask(count, 0), bias + n0) : _mm512_setzero_ps();
+  const __m512 b1 = bias ? _mm512_maskz_loadu_ps(panel_mask(count, 1), bias + n0 + 16) : _mm512_setzero_ps();
+  store_panel<MR>(acc, count, b0, b1, out + n0, out_features);
 }
 
 using PanelRows = void (*)(const uint16_t*, int, const uint32_t*, int, int, const float*, float*, int);
