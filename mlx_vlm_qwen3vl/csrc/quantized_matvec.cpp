@@ -162,6 +162,11 @@ inline float bias_term(const T* biases, const float* x_group_sums, int groups) {
   return _mm512_reduce_add_ps(acc);
 }
 
+// How far ahead of its loads the row kernel asks for packed weights. With the
+// hardware prefetcher alone two cores streamed a decode step's products at
+// ~25 GB/s (a plain read: ~33).
+constexpr int kPrefetchBytes = 2048;
+
 // ROWS is a template argument so that the accumulators stay in registers;
 // even and odd groups accumulate apart to halve the dependency chain.
 // `x` holds the bfloat16 activations in the order the unpacked weights come.
@@ -204,6 +209,7 @@ void matvec_avx512_bf16(const Problem& p, const uint16_t* x) {
       __m512 dot[ROWS];
       for (int m = 0; m < ROWS; ++m) dot[m] = _mm512_setzero_ps();
       for (int c = 0; c < chunks; ++c, wg += 32, xg += kChunk) {
+        _mm_prefetch(reinterpret_cast<const char*>(wg) + kPrefetchBytes, _MM_HINT_T0);
         __m512i q[kVectors];
         if constexpr (BITS == 4) unpack_4bit(wg, table, q);
         else unpack_8bit(wg, table, q);
