@@ -113,6 +113,20 @@ def test_decode_attention_matches_sdpa_over_a_cache_slice(kernel, dtype, length)
     assert mx.array_equal(got, one_thread)
 
 
+@pytest.mark.parametrize("head_dim, heads", [(128, 16), (256, 32), (128, 8)])
+def test_decode_attention_head_sizes_and_groups_of_the_models(kernel, head_dim, heads):
+    """bfloat16 caches take the native build's dot-product path for head sizes
+    64/128/256 and any number of query heads per KV head (here 2, 4 and 1),
+    an odd cache length included."""
+    keys = normal((1, 8, 1100, head_dim), 30, mx.bfloat16)[..., :1001, :]
+    values = normal((1, 8, 1100, head_dim), 31, mx.bfloat16)[..., :1001, :]
+    q = normal((1, heads, 1, head_dim), 32, mx.bfloat16, 2.0)
+    scale = head_dim**-0.5
+    want = mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale)
+    got = kernel.decode_attention(q, keys, values, scale, threads=2)
+    assert_close(got, want.transpose(0, 2, 1, 3).reshape(1, 1, -1), mx.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("kind", ["boolean", "additive"])
 def test_decode_attention_takes_the_batch_caches_padding_mask(kernel, dtype, kind):

@@ -105,6 +105,94 @@ void normalize_row(const Storage<T>* x, const Storage<T>* weight, int n, float e
   for (int i = 0; i < n; ++i) out[i] = round_to<T>(round_to<T>(out[i] * r) * to_float<T>(weight[i]));
 }
 
+#ifdef QMV_AVX512_BF16
+// One-query attention over a bfloat16 cache with the bfloat16 dot product:
+// every product q * k and p * v is exact (both factors are bfloat16), the
+// sums float32 in another order than the portable loops below. A cache of
+// 1,000 positions: ~13 -> ~30 GB/s.
+
+// scores[g][t] = q_g . k_t for the `group` heads (scaled queries, already
+// rounded to bfloat16, in qs [group][D]); D a multiple of 32.
+void scores_bf16(const float* qs, int group, int D, const uint16_t* k, int64_t k_row, int T,
+                 float* scores) {
+  const int chunks = D / 32;
+  std::vector<__m512i> queries(size_t(group) * chunks);
+  for (int g = 0; g < group; ++g)
+    for (int c = 0; c < chunks; ++c) {
+      const float* q = qs + size_t(g) * D + 32 * c;
+      queries[g * chunks + c] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + 16), _mm512_loadu_ps(q));
+    }
+  for (int t = 0; t < T; ++t) {
+    const uint16_t* key = k + t * k_row;
+    for (int g = 0; g < group; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int c = 0; c < chunks; ++c)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)queries[g * chunks + c],
+                               (__m512bh)_mm512_loadu_si512(key + 32 * c));
+      scores[size_t(g) * T + t] = _mm512_reduce_add_ps(acc);
+    }
+  }
+}
+
+// acc[g][:] = sum_t p[g][t] * v_t for G heads (probabilities already rounded
+// to bfloat16), two positions per dot product: rows t and t + 1 interleaved.
+template <int C, int G>
+void values_bf16(const float* probs, int T, const uint16_t* v, int64_t v_row, float* acc) {
+  __m512 lo[G][C], hi[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) lo[g][c] = hi[g][c] = _mm512_setzero_ps();
+  for (int t = 0; t < T; t += 2) {
+    const bool pair = t + 1 < T;
+    __m512i p[G];
+    for (int g = 0; g < G; ++g) {
+      const uint32_t first = bf16_bits(probs[size_t(g) * T + t]);
+      const uint32_t second = pair ? bf16_bits(probs[size_t(g) * T + t + 1]) : 0;
+      p[g] = _mm512_set1_epi32(int(first | second << 16));
+    }
+    for (int c = 0; c < C; ++c) {
+      const __m512i a = _mm512_loadu_si512(v + t * v_row + 32 * c);
+      const __m512i b = pair ? _mm512_loadu_si512(v + (t + 1) * v_row + 32 * c) : _mm512_setzero_si512();
+      const __m512i low = _mm512_unpacklo_epi16(a, b), high = _mm512_unpackhi_epi16(a, b);
+      for (int g = 0; g < G; ++g) {
+        lo[g][c] = _mm512_dpbf16_ps(lo[g][c], (__m512bh)low, (__m512bh)p[g]);
+        hi[g][c] = _mm512_dpbf16_ps(hi[g][c], (__m512bh)high, (__m512bh)p[g]);
+      }
+    }
+  }
+  // Lane 4L + i of `lo` holds element 8L + i of a 32-element chunk, of `hi` 8L + 4 + i.
+  alignas(64) int32_t first[16], second[16];
+  for (int j = 0; j < 16; ++j) {
+    const int i = j % 8, lane = j / 8;
+    first[j] = i < 4 ? 4 * lane + i : 16 + 4 * lane + i - 4;
+    second[j] = i < 4 ? 4 * (2 + lane) + i : 16 + 4 * (2 + lane) + i - 4;
+  }
+  const __m512i first_half = _mm512_load_si512(first), second_half = _mm512_load_si512(second);
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) {
+      float* out = acc + size_t(g) * C * 32 + 32 * c;
+      _mm512_storeu_ps(out, _mm512_permutex2var_ps(lo[g][c], first_half, hi[g][c]));
+      _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(lo[g][c], second_half, hi[g][c]));
+    }
+}
+
+// values_bf16 for `group` heads, two at a time (the rows are read from cache again).
+template <int C>
+void values_bf16_heads(const float* probs, int group, int T, const uint16_t* v, int64_t v_row, float* acc) {
+  int g = 0;
+  for (; g + 1 < group; g += 2) values_bf16<C, 2>(probs + size_t(g) * T, T, v, v_row, acc + size_t(g) * C * 32);
+  if (g < group) values_bf16<C, 1>(probs + size_t(g) * T, T, v, v_row, acc + size_t(g) * C * 32);
+}
+
+// Head sizes the bfloat16 path takes.
+bool values_bf16_fits(int D) { return D == 64 || D == 128 || D == 256; }
+
+void values_bf16_any(const float* probs, int group, int D, int T, const uint16_t* v, int64_t v_row, float* acc) {
+  if (D == 64) values_bf16_heads<2>(probs, group, T, v, v_row, acc);
+  else if (D == 128) values_bf16_heads<4>(probs, group, T, v, v_row, acc);
+  else values_bf16_heads<8>(probs, group, T, v, v_row, acc);
+}
+#endif
+
 }  // namespace
 
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s) {
@@ -268,6 +356,9 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
     dispatch_float(out.dtype(), [&](auto tag) {
       using T_ = decltype(tag);
       const float scale_t = round_to<T_>(scale);  // the fallback multiplies by scale in q's dtype
+#ifdef QMV_AVX512_BF16
+      const bool fast = std::is_same_v<T_, mx::bfloat16_t> && k_direct && v_direct && values_bf16_fits(D);
+#endif
       // The `group` query heads of one KV head share each converted K and V row.
       auto heads = [&](int part, int parts) {
         std::vector<float> qs(size_t(group) * D), row(D), scores(size_t(group) * T);
@@ -281,6 +372,12 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
             const Storage<T_>* qh = elements<T_>(qd) + (size_t(b) * H + h0 + g) * D;
             for (int d = 0; d < D; ++d) qs[g * D + d] = round_to<T_>(scale_t * to_float<T_>(qh[d]));
           }
+#ifdef QMV_AVX512_BF16
+          if (fast) {
+            scores_bf16(qs.data(), group, D, reinterpret_cast<const uint16_t*>(kb), ks[2], T, scores.data());
+            for (float& score : scores) score = round_to<T_>(score);
+          } else
+#endif
           for (int t = 0; t < T; ++t) {
             to_floats<T_>(kb + t * ks[2], row.data(), D);
             for (int g = 0; g < group; ++g)
@@ -307,6 +404,15 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
             for (int t = 0; t < T; ++t) s[t] = exp_f32(s[t] - top);
             totals[g] = sum(s, T);
           }
+#ifdef QMV_AVX512_BF16
+          if (fast) {
+            for (int g = 0; g < group; ++g)
+              for (int t = 0; t < T; ++t)
+                scores[size_t(g) * T + t] = round_to<T_>(scores[size_t(g) * T + t] / totals[g]);
+            values_bf16_any(scores.data(), group, D, T, reinterpret_cast<const uint16_t*>(vb), vs[2], acc.data());
+          } else
+#endif
+          {
           std::fill(acc.begin(), acc.end(), 0.f);
           for (int t = 0; t < T; ++t) {
             to_floats<T_>(vb + t * vs[2], row.data(), D);
@@ -315,6 +421,7 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
               float* a = acc.data() + g * D;
               for (int d = 0; d < D; ++d) a[d] += p * row[d];
             }
+          }
           }
           for (int g = 0; g < group; ++g) {
             Storage<T_>* o = elements<T_>(out) + (size_t(b) * H + h0 + g) * D;
