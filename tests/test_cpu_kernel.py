@@ -432,6 +432,9 @@ def test_attention_rejects_what_it_does_not_take(dense_kernel):
         dense_kernel.attention_bf16(x, mx.ones((1, 3, 4, 8), mx.bfloat16), mx.ones((1, 3, 4, 8), mx.bfloat16), 1.0)
     with pytest.raises(ValueError, match="causal attention needs"):
         dense_kernel.attention_bf16(x, x[:, :, :2], x[:, :, :2], 1.0, causal=True)
+    odd = mx.ones((1, 2, 4, 7), mx.bfloat16)
+    with pytest.raises(ValueError, match="D even"):
+        dense_kernel.attention_bf16(odd, odd, odd, 1.0)
 
 
 def normal_bf16(shape, seed):

@@ -17,36 +17,64 @@ namespace qwen3vl {
 namespace {
 
 #ifdef QMV_AVX512_BF16
-// One (batch, head): q [L, D] and k [T, D] contiguous, v transposed [D, T];
-// out rows `out_stride` apart. Causal: query l sees keys up to T - L + l, and
-// the others get the lowest bfloat16 score, as the fallback's mask does.
-void head_attention(const uint16_t* q, const uint16_t* k, const uint16_t* vt, int L, int T, int D,
+// K [T, D] as panels of 32 keys, each [D / 2][32] pairs of bfloat16 bits.
+void pack_keys(const uint16_t* k, int T, int D, std::vector<uint32_t>& packed) {
+  const int pairs = D / 2;
+  packed.assign(size_t((T + 31) / 32) * pairs * 32, 0);
+  for (int t = 0; t < T; ++t)
+    for (int p = 0; p < pairs; ++p)
+      std::memcpy(&packed[(size_t(t / 32) * pairs + p) * 32 + t % 32], k + size_t(t) * D + 2 * p, 4);
+}
+
+// V [T, D] as panels of 32 of its D columns, each [ceil(T / 2)][32] pairs of
+// positions (2p, 2p + 1), zero past T.
+void pack_values(const uint16_t* v, int T, int D, std::vector<uint32_t>& packed) {
+  const int pairs = (T + 1) / 2;
+  packed.assign(size_t((D + 31) / 32) * pairs * 32, 0);
+  for (int t = 0; t < T; ++t)
+    for (int d = 0; d < D; ++d)
+      packed[(size_t(d / 32) * pairs + t / 2) * 32 + d % 32] |= uint32_t(v[size_t(t) * D + d]) << (16 * (t % 2));
+}
+
+// One (batch, head): q [L, D] (scaled), k and v [T, D] contiguous; out rows
+// `out_stride` apart. K and V are packed once, for every block of queries.
+// Causal: query l sees keys up to T - L + l, and the others get the lowest
+// bfloat16 score, as the fallback's mask does.
+void head_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, int L, int T, int D,
                     bool causal, uint16_t* out, size_t out_stride) {
   constexpr int kBlock = 32;  // query rows at a time: scores stay in L2
-  std::vector<float> scores(size_t(kBlock) * T), values(size_t(kBlock) * D);
-  std::vector<uint16_t> probabilities(size_t(kBlock) * T);
+  thread_local std::vector<uint32_t> keys, values;
+  pack_keys(k, T, D, keys);
+  pack_values(v, T, D, values);
+  const int key_pairs = D / 2, value_pairs = (T + 1) / 2;
+  std::vector<float> scores(size_t(kBlock) * T), mixed(size_t(kBlock) * D);
+  std::vector<uint16_t> probabilities(size_t(kBlock) * 2 * value_pairs);
   for (int first = 0; first < L; first += kBlock) {
     const int rows = std::min(kBlock, L - first);
     // Keys no row of this block sees (causal) get probability 0: skip them.
-    const int keys = causal ? std::min(T, T - L + first + rows) : T;
-    dense(q + size_t(first) * D, rows, k, D, D, keys, nullptr, scores.data(), 1);
+    const int seen = causal ? std::min(T, T - L + first + rows) : T;
+    const int seen_pairs = (seen + 1) / 2, stride = 2 * seen_pairs;  // a zero after an odd count
+    packed_product(q + size_t(first) * D, rows, D, keys.data(), key_pairs, size_t(key_pairs) * 32, seen,
+                   scores.data(), seen);
     for (int r = 0; r < rows; ++r) {
-      float* s = scores.data() + size_t(r) * keys;
+      float* s = scores.data() + size_t(r) * seen;
       float top = -INFINITY;
       const int visible = causal ? std::min(T, T - L + first + r + 1) : T;
-      for (int t = 0; t < keys; ++t) {
+      for (int t = 0; t < seen; ++t) {
         s[t] = t < visible ? bf16_to_float(bf16_bits(s[t])) : lowest<mx::bfloat16_t>();
         top = std::max(top, s[t]);
       }
-      for (int t = 0; t < keys; ++t) s[t] = exp_f32(s[t] - top);
-      const float total = sum(s, keys);
-      uint16_t* p = probabilities.data() + size_t(r) * keys;
-      for (int t = 0; t < keys; ++t) p[t] = bf16_bits(s[t] / total);
+      for (int t = 0; t < seen; ++t) s[t] = exp_f32(s[t] - top);
+      const float total = sum(s, seen);
+      uint16_t* p = probabilities.data() + size_t(r) * stride;
+      for (int t = 0; t < seen; ++t) p[t] = bf16_bits(s[t] / total);
+      if (seen < stride) p[seen] = 0;
     }
-    dense(probabilities.data(), rows, vt, T, keys, D, nullptr, values.data(), 1);
+    packed_product(probabilities.data(), rows, stride, values.data(), seen_pairs, size_t(value_pairs) * 32,
+                   D, mixed.data(), D);
     for (int r = 0; r < rows; ++r)
       for (int d = 0; d < D; ++d)
-        out[(size_t(first) + r) * out_stride + d] = bf16_bits(values[size_t(r) * D + d]);
+        out[(size_t(first) + r) * out_stride + d] = bf16_bits(mixed[size_t(r) * D + d]);
   }
 }
 #endif
@@ -62,10 +90,10 @@ mx::array attention_bf16(const mx::array& q, const mx::array& k, const mx::array
     throw std::invalid_argument("attention_bf16: a CPU stream is required");
   if (q.dtype() != mx::bfloat16 || k.dtype() != mx::bfloat16 || v.dtype() != mx::bfloat16 ||
       q.ndim() != 4 || k.shape() != v.shape() || k.ndim() != 4 || k.shape(0) != q.shape(0) ||
-      q.shape(1) % k.shape(1) != 0 || k.shape(3) != q.shape(3))
+      q.shape(1) % k.shape(1) != 0 || k.shape(3) != q.shape(3) || q.shape(3) % 2 != 0)
     throw std::invalid_argument(
         "attention_bf16: expected bfloat16 q [B, H, L, D] and k, v [B, Hkv, T, D] with H a "
-        "multiple of Hkv");
+        "multiple of Hkv and D even");
   if (causal && k.shape(2) < q.shape(2))
     throw std::invalid_argument("attention_bf16: causal attention needs T >= L keys");
   if (threads < 1 || threads > 256)
@@ -83,14 +111,11 @@ mx::array attention_bf16(const mx::array& q, const mx::array& k, const mx::array
     run_parts(B * H, threads, [&](int pair) {
       const int b = pair / H, h = pair % H;
       const size_t kv_head = size_t(b) * KV + h / group;
-      std::vector<uint16_t> qs(size_t(L) * D), vt(size_t(D) * T);
+      std::vector<uint16_t> qs(size_t(L) * D);
       const uint16_t* qh = data[0] + size_t(pair) * L * D;
       for (size_t i = 0; i < qs.size(); ++i) qs[i] = bf16_bits(scale_bf16 * bf16_to_float(qh[i]));
-      const uint16_t* vh = data[2] + kv_head * T * D;
-      for (int t = 0; t < T; ++t)
-        for (int d = 0; d < D; ++d) vt[size_t(d) * T + t] = vh[size_t(t) * D + d];
       // out [B, L, H * D]: this head's D columns of each row.
-      head_attention(qs.data(), data[1] + kv_head * T * D, vt.data(), L, T, D, causal,
+      head_attention(qs.data(), data[1] + kv_head * T * D, data[2] + kv_head * T * D, L, T, D, causal,
                      o + size_t(b) * L * H * D + size_t(h) * D, size_t(H) * D);
     });
 #endif

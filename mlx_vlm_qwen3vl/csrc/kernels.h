@@ -22,6 +22,12 @@ bool has_dense_bf16();
 // bits, row stride of w `w_stride` elements; AVX-512 BF16 builds only.
 void dense(const uint16_t* x, int rows, const uint16_t* w, size_t w_stride, int in_features,
            int out_features, const float* bias, float* out, int threads);
+// The same product with w packed once by the caller for many x: panels of 32
+// output features, panel i at packed + i * panel_stride holding pairs
+// [K / 2][32] (bfloat16 bits of w[n][2p] | w[n][2p + 1] << 16); the first
+// `pairs` pairs are used (x rows x_stride apart, 2 * pairs elements each).
+void packed_product(const uint16_t* x, int rows, int x_stride, const uint32_t* packed, int pairs,
+                    size_t panel_stride, int out_features, float* out, size_t out_stride);
 const char* kernel_name();
 
 // The decoder's small ops (decode_ops.cpp).

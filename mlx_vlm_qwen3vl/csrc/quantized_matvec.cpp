@@ -623,6 +623,21 @@ constexpr PanelRows kPanelRowsFns[kPanelRows] = {
     panel_rows<1>, panel_rows<2>, panel_rows<3>, panel_rows<4>,  panel_rows<5>,  panel_rows<6>,
     panel_rows<7>, panel_rows<8>, panel_rows<9>, panel_rows<10>, panel_rows<11>, panel_rows<12>};
 
+// MR rows (x_stride apart) times the first `pairs` pairs of one packed panel.
+template <int MR>
+void packed_rows(const uint16_t* x, int x_stride, const uint32_t* panel, int pairs, int count,
+                 __m512 zero, float* out, size_t out_stride) {
+  __m512 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = zero;
+  add_panel_pairs<MR>(x, x_stride, panel, 0, pairs, acc);
+  store_panel<MR>(acc, count, zero, zero, out, out_stride);
+}
+
+using PackedRows = void (*)(const uint16_t*, int, const uint32_t*, int, int, __m512, float*, size_t);
+constexpr PackedRows kPackedRowsFns[kPanelRows] = {
+    packed_rows<1>, packed_rows<2>, packed_rows<3>, packed_rows<4>,  packed_rows<5>,  packed_rows<6>,
+    packed_rows<7>, packed_rows<8>, packed_rows<9>, packed_rows<10>, packed_rows<11>, packed_rows<12>};
+
 void dense_panels(const uint16_t* x, int rows, const uint16_t* w, size_t w_stride,
                   int in_features, int out_features, const float* bias, float* out, int threads) {
   const int panels = (out_features + kPanel - 1) / kPanel;
@@ -640,6 +655,20 @@ void dense_panels(const uint16_t* x, int rows, const uint16_t* w, size_t w_strid
 }
 
 }  // namespace
+
+void packed_product(const uint16_t* x, int rows, int x_stride, const uint32_t* packed, int pairs,
+                    size_t panel_stride, int out_features, float* out, size_t out_stride) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int n0 = 0; n0 < out_features; n0 += kPanel) {
+    const uint32_t* panel = packed + size_t(n0 / kPanel) * panel_stride;
+    const int count = std::min(kPanel, out_features - n0);
+    for (int first = 0; first < rows; first += kPanelRows) {
+      const int block = std::min(kPanelRows, rows - first);
+      kPackedRowsFns[block - 1](x + size_t(first) * x_stride, x_stride, panel, pairs, count, zero,
+                                out + size_t(first) * out_stride + n0, out_stride);
+    }
+  }
+}
 
 // Output features in tiles small enough to stay in a core's L2 cache while
 // every block of 8 rows of x passes; the threads take tiles as they get free.

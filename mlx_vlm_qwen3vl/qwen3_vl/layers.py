@@ -184,7 +184,7 @@ def native_attention_kernel(q: mx.array):
     """The native kernel for attention without a mask (the vision tower's
     windows): bfloat16 queries on a CPU with AVX-512 BF16. MLX's CPU attention
     runs as its fallback, ~0.7 s per vision layer for one 448x448 image."""
-    if q.dtype != mx.bfloat16 or not cpu_policy()[0]:
+    if q.dtype != mx.bfloat16 or q.shape[-1] % 2 or not cpu_policy()[0]:
         return None
     return _kernel_with_dense_bf16()
 
