@@ -232,7 +232,7 @@ def test_bfloat16_tower_takes_the_native_attention_gelu_and_norms_and_matches_ml
     monkeypatch.setattr(decoder_ops, "_kernel",
                         lambda x, *others: small_op_calls.append(len(others)) or real_kernel(x, *others))
     native, native_deepstack = bf16(values, grid)
-    assert (real_attention(mx.ones((1,), mx.bfloat16)) is not None) == kernel.has_dense_bf16()
+    assert (real_attention(mx.ones((1, 1, 1, 64), mx.bfloat16)) is not None) == kernel.has_dense_bf16()
     assert attention_calls
     # GELU (x alone) in every block; LayerNorm (x, weight, bias) twice a block and once a merger.
     mergers = 1 + len(bf16.deepstack_merger_list)
