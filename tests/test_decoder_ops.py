@@ -170,6 +170,16 @@ def test_gelu_approx_matches_nn_gelu_approx(kernel, dtype, threads):
     assert_close(got, want, dtype, identical=0.999)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_gelu_matches_nn_gelu(kernel, dtype):
+    # Over 2^16 elements (two threads take parts); a wide range and the far tails.
+    x = mx.concatenate([normal((300, 300), 13, dtype, 3.0).reshape(-1),
+                        mx.array([0.0, -0.0, 1e-8, -1e-8, 9.0, -9.0, 40.0, -40.0], dtype=dtype)])
+    got, want = kernel.gelu(x, threads=2), nn.gelu(x)
+    # MLX's erf formula with another exp: float32 within a few ulp, half types nearly all identical.
+    assert_close(got, want, dtype, f32_tol=1e-6, identical=0.999)
+
+
 def test_gelu_approx_keeps_its_shape_and_strides(kernel):
     x = normal((4, 6, 8), 12, mx.bfloat16).transpose(1, 0, 2)  # not row-major
     got = kernel.gelu_approx(x)

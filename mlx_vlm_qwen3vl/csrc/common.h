@@ -175,6 +175,20 @@ inline float tanh_f32(float x) {
   return a < 0.625f ? small : large;
 }
 
+// erf(x) as MLX's CPU backend computes it (Abramowitz-Stegun 7.1.26 with
+// fma, PyTorch's vectorized formula), with exp_f32 for exp.
+inline float erf_f32(float x) {
+  const float a = std::fabs(x);
+  const float t = 1.f / std::fma(0.3275911f, a, 1.f);
+  float r = std::fma(1.061405429f, t, -1.453152027f);
+  r = std::fma(r, t, 1.421413741f);
+  r = std::fma(r, t, -0.284496736f);
+  r = std::fma(r, t, 0.254829592f);
+  const float e = -exp_f32(-x * x);
+  const float result = std::fma(e * t, r, 1.f);
+  return x > 0.f ? result : -result;
+}
+
 // A few threads that take parts of one product. MLX runs a stream's work on
 // one thread and syncs streams with events; splitting each product over
 // streams costs more in those syncs than a decode-sized product takes.

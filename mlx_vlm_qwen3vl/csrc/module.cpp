@@ -38,6 +38,8 @@ NB_MODULE(_quantized_matvec, m) {
   m.def("gelu_approx", &gelu_approx, "x"_a, nb::kw_only(), "threads"_a = 1, "stream"_a = nb::none(),
         "nn.gelu_approx(x) (tanh approximation), rounded as its MLX composition rounds,\n"
         "on `threads` threads.");
+  m.def("gelu", &gelu, "x"_a, nb::kw_only(), "threads"_a = 1, "stream"_a = nb::none(),
+        "nn.gelu(x) (erf), rounded as its MLX composition rounds, on `threads` threads.");
   m.def("attention_bf16", &attention_bf16, "q"_a, "k"_a, "v"_a, "scale"_a, nb::kw_only(),
         "causal"_a = false, "threads"_a = 1, "stream"_a = nb::none(),
         "softmax(q k^T * scale) v, unmasked or causal (query l sees keys up to T - L + l),\n"

@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import VisionConfig
-from .decoder_ops import LayerNorm, gelu_approx
+from .decoder_ops import LayerNorm, gelu, gelu_approx
 from .layers import Linear, dense_product, is_loadable_weight, native_attention_kernel
 from .parallel import split_axis, worker_count
 
@@ -224,7 +224,7 @@ class PatchMerger(nn.Module):
         else:
             x = self.norm(x).reshape(-1, self.merged_size)
         # Exact (erf) GELU here, unlike the blocks' tanh approximation.
-        return self.linear_fc2(nn.gelu(self.linear_fc1(x)))
+        return self.linear_fc2(gelu(self.linear_fc1(x)))
 
 
 class VisionModel(nn.Module):
