@@ -180,6 +180,19 @@ def test_gelu_matches_nn_gelu(kernel, dtype):
     assert_close(got, want, dtype, f32_tol=1e-6, identical=0.999)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_vision_rotary_equals_the_mlx_composition(kernel, dtype):
+    from mlx_vlm_qwen3vl.qwen3_vl import vision
+
+    qkv = normal((130, 3, 4, 64), 14, dtype)
+    x = qkv[:, 1]  # as the tower passes it: a strided view of the qkv product
+    angles = normal((130, 1, 64), 15, mx.float32, 20.0)
+    cos, sin = mx.cos(angles), mx.sin(angles)
+    want = (x.astype(mx.float32) * cos + vision.rotate_half(x.astype(mx.float32)) * sin).astype(dtype)
+    # float32 products and sums rounded apart, as MLX's ops round them: bit-identical.
+    assert mx.array_equal(kernel.rotary(x, cos, sin, threads=2), want)
+
+
 def test_gelu_approx_keeps_its_shape_and_strides(kernel):
     x = normal((4, 6, 8), 12, mx.bfloat16).transpose(1, 0, 2)  # not row-major
     got = kernel.gelu_approx(x)
@@ -199,6 +212,7 @@ def test_gelu_approx_keeps_its_shape_and_strides(kernel):
         (lambda k: k.decode_attention(mx.ones((1, 2, 1, 8)), mx.ones((1, 2, 5, 8)), mx.ones((1, 2, 5, 8)), 1.0, mx.ones((1, 1, 1, 4), mx.bool_)), "mask must be"),
         (lambda k: k.silu_mul(mx.ones((4,)), mx.ones((5,))), "share"),
         (lambda k: k.gelu_approx(mx.ones((4,), mx.int32)), "floating point"),
+        (lambda k: k.rotary(mx.ones((4, 2, 8)), mx.ones((4, 1, 6)), mx.ones((4, 1, 6))), r"cos, sin \[n, 1, D\]"),
         (lambda k: k.layer_norm(mx.ones((2, 8)), mx.ones((8,)), mx.ones((7,)), 1e-6), "weight and bias must be"),
     ],
 )

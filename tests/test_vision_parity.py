@@ -214,7 +214,7 @@ def test_bfloat16_weights_compute_in_bfloat16(torch_weights, reference):
     assert error <= 0.05 * np.abs(expected).max()
 
 
-def test_bfloat16_tower_takes_the_native_attention_gelus_and_norms_and_matches_mlx_ops(
+def test_bfloat16_tower_takes_the_native_attention_rotary_gelus_and_norms_and_matches_mlx_ops(
     torch_weights, monkeypatch
 ):
     from mlx_vlm_qwen3vl import cpu_kernel
@@ -234,10 +234,10 @@ def test_bfloat16_tower_takes_the_native_attention_gelus_and_norms_and_matches_m
     native, native_deepstack = bf16(values, grid)
     assert (real_attention(mx.ones((1, 1, 1, 64), mx.bfloat16)) is not None) == kernel.has_dense_bf16()
     assert attention_calls
-    # GELU (x alone) in every block and merger; LayerNorm (x, weight, bias) twice a
-    # block and once a merger.
+    # x alone: GELU and the rotary embedding of q and k in every block, GELU in every
+    # merger; LayerNorm (x, weight, bias) twice a block and once a merger.
     mergers = 1 + len(bf16.deepstack_merger_list)
-    assert small_op_calls.count(0) == len(bf16.blocks) + mergers
+    assert small_op_calls.count(0) == 3 * len(bf16.blocks) + mergers
     assert small_op_calls.count(2) == 2 * len(bf16.blocks) + mergers
     monkeypatch.setattr(vision, "native_attention_kernel", lambda q: None)
     monkeypatch.setattr(decoder_ops, "_kernel", lambda x, *others: None)

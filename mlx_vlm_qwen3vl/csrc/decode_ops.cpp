@@ -536,4 +536,47 @@ mx::array gelu(const mx::array& x, int threads, mx::StreamOrDevice s) {
   });
 }
 
+// The vision tower's rotary embedding: x [n, H, D] (any float dtype) in float32,
+// x * cos + rotate_half(x) * sin with cos, sin [n, 1, D] float32, rounded to
+// x's dtype; each float32 product and sum rounded apart, as MLX's ops do.
+// MLX's ops: ~1.4 ms per 784 x 16 x 64 call, two a layer.
+mx::array rotary(const mx::array& x, const mx::array& cos, const mx::array& sin, int threads,
+                 mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s, "rotary");
+  check_float(x, "rotary", "x");
+  if (x.ndim() != 3 || x.shape(2) % 2 != 0 || cos.dtype() != mx::float32 || sin.dtype() != mx::float32 ||
+      cos.shape() != sin.shape() || cos.ndim() != 3 || cos.shape(0) != x.shape(0) || cos.shape(1) != 1 ||
+      cos.shape(2) != x.shape(2))
+    throw std::invalid_argument("rotary: expected x [n, H, D] (D even) and float32 cos, sin [n, 1, D]");
+  auto fn = [threads](const std::vector<mx::array>& in, mx::array& out) {
+    const int n = in[0].shape(0), H = in[0].shape(1), D = in[0].shape(2), half = D / 2;
+    std::vector<char> copies[3];
+    const char* xd = row_major_data(in[0], copies[0]);
+    const float* cd = reinterpret_cast<const float*>(row_major_data(in[1], copies[1]));
+    const float* sd = reinterpret_cast<const float*>(row_major_data(in[2], copies[2]));
+    dispatch_float(out.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      const Storage<T>* xt = elements<T>(xd);
+      Storage<T>* o = elements<T>(out);
+      constexpr int kRowsPerPart = 64;
+      run_parts((n + kRowsPerPart - 1) / kRowsPerPart, threads, [&](int part) {
+        std::vector<float> y(D), direct(D), turned(D);
+        for (int i = part * kRowsPerPart; i < std::min(n, (part + 1) * kRowsPerPart); ++i) {
+          const float *c = cd + size_t(i) * D, *sn = sd + size_t(i) * D;
+          for (int h = 0; h < H; ++h) {
+            const size_t row = (size_t(i) * H + h) * D;
+            to_floats<T>(xt + row, y.data(), D);
+            // Products and sums in separate loops: no fused multiply-add.
+            for (int d = 0; d < D; ++d) direct[d] = y[d] * c[d];
+            for (int d = 0; d < half; ++d) turned[d] = -y[half + d] * sn[d];
+            for (int d = half; d < D; ++d) turned[d] = y[d - half] * sn[d];
+            for (int d = 0; d < D; ++d) o[row + d] = round_and_store<T>(direct[d] + turned[d]);
+          }
+        }
+      });
+    });
+  };
+  return mx::array(x.shape(), x.dtype(), std::make_shared<CpuOp>(stream, "Rotary", fn), {x, cos, sin});
+}
+
 }  // namespace qwen3vl

@@ -42,6 +42,8 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
 mx::array silu_mul(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s);
 mx::array gelu_approx(const mx::array& x, int threads, mx::StreamOrDevice s);
 mx::array gelu(const mx::array& x, int threads, mx::StreamOrDevice s);
+mx::array rotary(const mx::array& x, const mx::array& cos, const mx::array& sin, int threads,
+                 mx::StreamOrDevice s);
 mx::array attention_bf16(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                          bool causal, int threads, mx::StreamOrDevice s);
 

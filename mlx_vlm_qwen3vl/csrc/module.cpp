@@ -40,6 +40,9 @@ NB_MODULE(_quantized_matvec, m) {
         "on `threads` threads.");
   m.def("gelu", &gelu, "x"_a, nb::kw_only(), "threads"_a = 1, "stream"_a = nb::none(),
         "nn.gelu(x) (erf), rounded as its MLX composition rounds, on `threads` threads.");
+  m.def("rotary", &rotary, "x"_a, "cos"_a, "sin"_a, nb::kw_only(), "threads"_a = 1,
+        "stream"_a = nb::none(),
+        "x [n, H, D] * cos + rotate_half(x) * sin in float32 (cos, sin [n, 1, D]), as x's dtype.");
   m.def("attention_bf16", &attention_bf16, "q"_a, "k"_a, "v"_a, "scale"_a, nb::kw_only(),
         "causal"_a = false, "threads"_a = 1, "stream"_a = nb::none(),
         "softmax(q k^T * scale) v, unmasked or causal (query l sees keys up to T - L + l),\n"

@@ -13,6 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import VisionConfig
+from . import decoder_ops
 from .decoder_ops import LayerNorm, gelu, gelu_approx
 from .layers import Linear, dense_product, is_loadable_weight, native_attention_kernel
 from .parallel import split_axis, worker_count
@@ -118,6 +119,10 @@ def rotate_half(x: mx.array) -> mx.array:
 
 
 def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """x [n, H, D] rotated in float32 by cos, sin [n, 1, D]; one native op on the CPU."""
+    kernel = decoder_ops.rotary_kernel(x)
+    if kernel is not None:
+        return kernel.rotary(x, cos, sin, threads=worker_count())
     y = x.astype(mx.float32)
     return (y * cos + rotate_half(y) * sin).astype(x.dtype)
 
