@@ -594,17 +594,58 @@ namespace {
 // panel (K * 64 bytes) stays in L2 while all rows pass.
 constexpr int kPanelRows = 12;
 
+// out[k] = column k of the 16 x 16 matrix of 32-bit elements in rows[0..15].
+inline void transpose16(const __m512i (&rows)[16], __m512i (&out)[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(rows[2 * i], rows[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(rows[2 * i], rows[2 * i + 1]);
+  }
+  // b[4i + j], 128-bit lane L: column 4L + j of rows 4i .. 4i + 3.
+  for (int i = 0; i < 4; ++i) {
+    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i even_lo = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x88);
+    const __m512i odd_lo = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xDD);
+    const __m512i even_hi = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x88);
+    const __m512i odd_hi = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xDD);
+    out[j] = _mm512_shuffle_i32x4(even_lo, even_hi, 0x88);
+    out[8 + j] = _mm512_shuffle_i32x4(even_lo, even_hi, 0xDD);
+    out[4 + j] = _mm512_shuffle_i32x4(odd_lo, odd_hi, 0x88);
+    out[12 + j] = _mm512_shuffle_i32x4(odd_lo, odd_hi, 0xDD);
+  }
+}
+
 void pack_panel(const uint16_t* w, size_t w_stride, int in_features, int n0, int count,
                 uint32_t* packed) {
-  for (int p = 0; p < in_features / 2; ++p)
-    for (int c = 0; c < kPanel; ++c) {
-      if (c < count) {
-        const uint16_t* row = w + size_t(n0 + c) * w_stride + 2 * p;
-        packed[size_t(p) * kPanel + c] = uint32_t(row[0]) | uint32_t(row[1]) << 16;
-      } else {
-        packed[size_t(p) * kPanel + c] = 0;
+  const int pairs = in_features / 2;
+  if (count == kPanel && pairs % 16 == 0) {  // 16 x 16 blocks of pairs, transposed in registers
+    for (int p0 = 0; p0 < pairs; p0 += 16)
+      for (int c0 = 0; c0 < kPanel; c0 += 16) {
+        __m512i rows[16], columns[16];
+        for (int i = 0; i < 16; ++i) rows[i] = _mm512_loadu_si512(w + size_t(n0 + c0 + i) * w_stride + 2 * p0);
+        transpose16(rows, columns);
+        for (int k = 0; k < 16; ++k) _mm512_storeu_si512(packed + size_t(p0 + k) * kPanel + c0, columns[k]);
       }
+    return;
+  }
+  // A row at a time (read in order), its pairs a column of the panel.
+  for (int c = 0; c < kPanel; ++c) {
+    if (c >= count) {
+      for (int p = 0; p < pairs; ++p) packed[size_t(p) * kPanel + c] = 0;
+      continue;
     }
+    const uint16_t* row = w + size_t(n0 + c) * w_stride;
+    for (int p = 0; p < pairs; ++p) {
+      uint32_t pair;
+      std::memcpy(&pair, row + 2 * p, sizeof pair);
+      packed[size_t(p) * kPanel + c] = pair;
+    }
+  }
 }
 
 template <int MR>
