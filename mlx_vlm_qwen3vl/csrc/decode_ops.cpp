@@ -191,6 +191,10 @@ void values_bf16_any(const float* probs, int group, int D, int T, const uint16_t
   else if (D == 128) values_bf16_heads<4>(probs, group, T, v, v_row, acc);
   else values_bf16_heads<8>(probs, group, T, v, v_row, acc);
 }
+#else  // portable builds: never called
+bool values_bf16_fits(int) { return false; }
+void scores_bf16(const float*, int, int, const uint16_t*, int64_t, int, float*) {}
+void values_bf16_any(const float*, int, int, int, const uint16_t*, int64_t, float*) {}
 #endif
 
 }  // namespace
@@ -356,9 +360,7 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
     dispatch_float(out.dtype(), [&](auto tag) {
       using T_ = decltype(tag);
       const float scale_t = round_to<T_>(scale);  // the fallback multiplies by scale in q's dtype
-#ifdef QMV_AVX512_BF16
       const bool fast = std::is_same_v<T_, mx::bfloat16_t> && k_direct && v_direct && values_bf16_fits(D);
-#endif
       // The `group` query heads of one KV head share each converted K and V row.
       auto heads = [&](int part, int parts) {
         std::vector<float> qs(size_t(group) * D), row(D), scores(size_t(group) * T);
@@ -372,16 +374,15 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
             const Storage<T_>* qh = elements<T_>(qd) + (size_t(b) * H + h0 + g) * D;
             for (int d = 0; d < D; ++d) qs[g * D + d] = round_to<T_>(scale_t * to_float<T_>(qh[d]));
           }
-#ifdef QMV_AVX512_BF16
           if (fast) {
             scores_bf16(qs.data(), group, D, reinterpret_cast<const uint16_t*>(kb), ks[2], T, scores.data());
             for (float& score : scores) score = round_to<T_>(score);
-          } else
-#endif
-          for (int t = 0; t < T; ++t) {
-            to_floats<T_>(kb + t * ks[2], row.data(), D);
-            for (int g = 0; g < group; ++g)
-              scores[size_t(g) * T + t] = round_to<T_>(dot(qs.data() + g * D, row.data(), D));
+          } else {
+            for (int t = 0; t < T; ++t) {
+              to_floats<T_>(kb + t * ks[2], row.data(), D);
+              for (int g = 0; g < group; ++g)
+                scores[size_t(g) * T + t] = round_to<T_>(dot(qs.data() + g * D, row.data(), D));
+            }
           }
           // As the fallback: masked scores become the dtype's lowest value (a
           // row with every key masked then attends to all of them evenly);
@@ -404,24 +405,21 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
             for (int t = 0; t < T; ++t) s[t] = exp_f32(s[t] - top);
             totals[g] = sum(s, T);
           }
-#ifdef QMV_AVX512_BF16
           if (fast) {
             for (int g = 0; g < group; ++g)
               for (int t = 0; t < T; ++t)
                 scores[size_t(g) * T + t] = round_to<T_>(scores[size_t(g) * T + t] / totals[g]);
             values_bf16_any(scores.data(), group, D, T, reinterpret_cast<const uint16_t*>(vb), vs[2], acc.data());
-          } else
-#endif
-          {
-          std::fill(acc.begin(), acc.end(), 0.f);
-          for (int t = 0; t < T; ++t) {
-            to_floats<T_>(vb + t * vs[2], row.data(), D);
-            for (int g = 0; g < group; ++g) {
-              const float p = round_to<T_>(scores[size_t(g) * T + t] / totals[g]);
-              float* a = acc.data() + g * D;
-              for (int d = 0; d < D; ++d) a[d] += p * row[d];
+          } else {
+            std::fill(acc.begin(), acc.end(), 0.f);
+            for (int t = 0; t < T; ++t) {
+              to_floats<T_>(vb + t * vs[2], row.data(), D);
+              for (int g = 0; g < group; ++g) {
+                const float p = round_to<T_>(scores[size_t(g) * T + t] / totals[g]);
+                float* a = acc.data() + g * D;
+                for (int d = 0; d < D; ++d) a[d] += p * row[d];
+              }
             }
-          }
           }
           for (int g = 0; g < group; ++g) {
             Storage<T_>* o = elements<T_>(out) + (size_t(b) * H + h0 + g) * D;
