@@ -67,6 +67,32 @@ inline void store_panel(const __m512 (&acc)[MR][2], int count, __m512 b0, __m512
     _mm512_mask_storeu_ps(o + 16, m1, _mm512_add_ps(acc[i][1], b1));
   }
 }
+
+// out[k] = column k of the 16 x 16 matrix of 32-bit elements in rows[0..15].
+inline void transpose16(const __m512i (&rows)[16], __m512i (&out)[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(rows[2 * i], rows[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(rows[2 * i], rows[2 * i + 1]);
+  }
+  // b[4i + j], 128-bit lane L: column 4L + j of rows 4i .. 4i + 3.
+  for (int i = 0; i < 4; ++i) {
+    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i even_lo = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x88);
+    const __m512i odd_lo = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xDD);
+    const __m512i even_hi = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x88);
+    const __m512i odd_hi = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xDD);
+    out[j] = _mm512_shuffle_i32x4(even_lo, even_hi, 0x88);
+    out[8 + j] = _mm512_shuffle_i32x4(even_lo, even_hi, 0xDD);
+    out[4 + j] = _mm512_shuffle_i32x4(odd_lo, odd_hi, 0x88);
+    out[12 + j] = _mm512_shuffle_i32x4(odd_lo, odd_hi, 0xDD);
+  }
+}
 #endif
 
 
@@ -334,11 +360,34 @@ void pack_quantized_panel(const Problem& p, int n0, int count, Panel& panel) {
   panel.scales.assign(size_t(groups) * kPanel, 0.f);
   panel.biases.assign(size_t(groups) * kPanel, 0.f);
   std::vector<float> row_values(groups);
+  const bool blocks = p.bits == 4 && count == kPanel && pairs % 16 == 0;
+  if (blocks) {  // 16 rows x 16 bytes at a time, each byte to its two nibbles, then transposed
+    alignas(64) uint16_t nibbles[32];
+    for (int v = 0; v < 32; ++v) nibbles[v] = bf16_bits(float(v & 15));
+    const __m512i table = _mm512_load_si512(nibbles), low = _mm512_set1_epi32(15);
+    for (int k0 = 0; k0 < pairs; k0 += 16)
+      for (int c0 = 0; c0 < kPanel; c0 += 16) {
+        __m512i rows[16], columns[16];
+        for (int i = 0; i < 16; ++i) {
+          const uint8_t* w = p.weight + (size_t(p.first_row) + n0 + c0 + i) * p.weight_row_stride + k0;
+          const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+          // 16-bit lanes: the low nibble, then the high one, each looked up as bfloat16.
+          const __m512i index = _mm512_or_si512(_mm512_and_si512(bytes, low),
+                                                _mm512_slli_epi32(_mm512_srli_epi32(bytes, 4), 16));
+          rows[i] = _mm512_permutexvar_epi16(index, table);
+        }
+        transpose16(rows, columns);
+        for (int k = 0; k < 16; ++k)
+          _mm512_storeu_si512(panel.pairs.data() + size_t(k0 + k) * kPanel + c0, columns[k]);
+      }
+  }
   for (int c = 0; c < count; ++c) {
     const size_t row = size_t(p.first_row) + n0 + c;
     const uint8_t* w = p.weight + row * p.weight_row_stride;
     uint32_t* column = panel.pairs.data() + c;
-    if (p.bits == 4) {
+    if (blocks) {
+      // packed above
+    } else if (p.bits == 4) {
       for (int k = 0; k < pairs; ++k) column[size_t(k) * kPanel] = tables.first[w[k]];
     } else {
       for (int k = 0; k < pairs; ++k)
@@ -593,32 +642,6 @@ namespace {
 // sums (the row-dot kernel above sums 16 lanes per output). The packed
 // panel (K * 64 bytes) stays in L2 while all rows pass.
 constexpr int kPanelRows = 12;
-
-// out[k] = column k of the 16 x 16 matrix of 32-bit elements in rows[0..15].
-inline void transpose16(const __m512i (&rows)[16], __m512i (&out)[16]) {
-  __m512i a[16], b[16];
-  for (int i = 0; i < 8; ++i) {
-    a[2 * i] = _mm512_unpacklo_epi32(rows[2 * i], rows[2 * i + 1]);
-    a[2 * i + 1] = _mm512_unpackhi_epi32(rows[2 * i], rows[2 * i + 1]);
-  }
-  // b[4i + j], 128-bit lane L: column 4L + j of rows 4i .. 4i + 3.
-  for (int i = 0; i < 4; ++i) {
-    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
-    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
-    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
-    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {
-    const __m512i even_lo = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x88);
-    const __m512i odd_lo = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xDD);
-    const __m512i even_hi = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x88);
-    const __m512i odd_hi = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xDD);
-    out[j] = _mm512_shuffle_i32x4(even_lo, even_hi, 0x88);
-    out[8 + j] = _mm512_shuffle_i32x4(even_lo, even_hi, 0xDD);
-    out[4 + j] = _mm512_shuffle_i32x4(odd_lo, odd_hi, 0x88);
-    out[12 + j] = _mm512_shuffle_i32x4(odd_lo, odd_hi, 0xDD);
-  }
-}
 
 void pack_panel(const uint16_t* w, size_t w_stride, int in_features, int n0, int count,
                 uint32_t* packed) {
