@@ -58,12 +58,10 @@ void head_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, int
                    scores.data(), seen);
     for (int r = 0; r < rows; ++r) {
       float* s = scores.data() + size_t(r) * seen;
-      float top = -INFINITY;
       const int visible = causal ? std::min(T, T - L + first + r + 1) : T;
-      for (int t = 0; t < seen; ++t) {
+      for (int t = 0; t < seen; ++t)
         s[t] = t < visible ? bf16_to_float(bf16_bits(s[t])) : lowest<mx::bfloat16_t>();
-        top = std::max(top, s[t]);
-      }
+      const float top = max(s, seen);
       for (int t = 0; t < seen; ++t) s[t] = exp_f32(s[t] - top);
       const float total = sum(s, seen);
       uint16_t* p = probabilities.data() + size_t(r) * stride;

@@ -477,13 +477,14 @@ void quantized_matvec_rows(const mx::array& x, const mx::array& w, const mx::arr
       load_floats(x_data, x.dtype(), size_t(m) * in_features, in_features, xf.data());
       group_sums(xf.data(), 1, in_features, group_size, sums.data() + size_t(m) * groups);
     }
-    std::vector<float> out_f32(out.dtype() == mx::float32 ? 0 : out.size());
-    float* results = out_f32.empty() ? out.data<float>() : out_f32.data();
-    Problem p{rows, in_features, out_features, group_size, bits, /*first_row=*/0,
-              w.data<uint8_t>(), size_t(w.strides(0)) * w.itemsize(), &s, &b, nullptr,
-              reinterpret_cast<const uint16_t*>(x_data), sums.data(), results, out_features};
-    quantized_panels(p, threads);
-    if (!out_f32.empty()) store_as(results, out.size(), out, 0);
+    const uint16_t* x_bf16 = reinterpret_cast<const uint16_t*>(x_data);
+    into_output(out, rows, out_features, kPanelMinRows, [&](int first, int count, float* results) {
+      Problem p{count, in_features, out_features, group_size, bits, /*first_row=*/0,
+                w.data<uint8_t>(), size_t(w.strides(0)) * w.itemsize(), &s, &b, nullptr,
+                x_bf16 + size_t(first) * in_features, sums.data() + size_t(first) * groups, results,
+                out_features};
+      quantized_panels(p, threads);
+    });
     return;
   }
 #endif
@@ -621,12 +622,11 @@ void matmul_bf16_into(const std::vector<mx::array>& inputs, mx::array& out, int 
     std::vector<char> b_copy;
     load_floats(row_major_data(b, b_copy), b.dtype(), 0, out_features, bias.data());
   }
-  std::vector<float> out_f32(out.dtype() == mx::float32 ? 0 : out.size());
-  float* results = out_f32.empty() ? out.data<float>() : out_f32.data();
-  dense(reinterpret_cast<const uint16_t*>(x_data), rows, w.data<uint16_t>(),
-        size_t(w.strides(0)), in_features, out_features, bias.empty() ? nullptr : bias.data(),
-        results, threads);
-  if (!out_f32.empty()) store_as(results, out.size(), out, 0);
+  const uint16_t* x_bf16 = reinterpret_cast<const uint16_t*>(x_data);
+  into_output(out, rows, out_features, kPanelMinRows, [&](int first, int count, float* results) {
+    dense(x_bf16 + size_t(first) * in_features, count, w.data<uint16_t>(), size_t(w.strides(0)),
+          in_features, out_features, bias.empty() ? nullptr : bias.data(), results, threads);
+  });
 #endif
 }
 
