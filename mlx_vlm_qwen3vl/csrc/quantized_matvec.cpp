@@ -385,11 +385,9 @@ void pack_quantized_panel(const Problem& p, int n0, int count, Panel& panel) {
     const size_t row = size_t(p.first_row) + n0 + c;
     const uint8_t* w = p.weight + row * p.weight_row_stride;
     uint32_t* column = panel.pairs.data() + c;
-    if (blocks) {
-      // packed above
-    } else if (p.bits == 4) {
+    if (!blocks && p.bits == 4) {
       for (int k = 0; k < pairs; ++k) column[size_t(k) * kPanel] = tables.first[w[k]];
-    } else {
+    } else if (!blocks) {
       for (int k = 0; k < pairs; ++k)
         column[size_t(k) * kPanel] = tables.second[w[2 * k]] | tables.second[w[2 * k + 1]] << 16;
     }
@@ -671,33 +669,19 @@ void pack_panel(const uint16_t* w, size_t w_stride, int in_features, int n0, int
   }
 }
 
-template <int MR>
-void panel_rows(const uint16_t* x, int in_features, const uint32_t* packed, int n0, int count,
-                const float* bias, float* out, int out_features) {
-  __m512 acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-  add_panel_pairs<MR>(x, in_features, packed, 0, in_features / 2, acc);
-  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(panel_mask(count, 0), bias + n0) : _mm512_setzero_ps();
-  const __m512 b1 = bias ? _mm512_maskz_loadu_ps(panel_mask(count, 1), bias + n0 + 16) : _mm512_setzero_ps();
-  store_panel<MR>(acc, count, b0, b1, out + n0, out_features);
-}
-
-using PanelRows = void (*)(const uint16_t*, int, const uint32_t*, int, int, const float*, float*, int);
-constexpr PanelRows kPanelRowsFns[kPanelRows] = {
-    panel_rows<1>, panel_rows<2>, panel_rows<3>, panel_rows<4>,  panel_rows<5>,  panel_rows<6>,
-    panel_rows<7>, panel_rows<8>, panel_rows<9>, panel_rows<10>, panel_rows<11>, panel_rows<12>};
-
-// MR rows (x_stride apart) times the first `pairs` pairs of one packed panel.
+// MR rows (x_stride apart) times the first `pairs` pairs of one packed panel,
+// plus b0/b1 (the panel's bias or zeros), into the first `count` of 32 columns.
 template <int MR>
 void packed_rows(const uint16_t* x, int x_stride, const uint32_t* panel, int pairs, int count,
-                 __m512 zero, float* out, size_t out_stride) {
+                 __m512 b0, __m512 b1, float* out, size_t out_stride) {
   __m512 acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = zero;
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   add_panel_pairs<MR>(x, x_stride, panel, 0, pairs, acc);
-  store_panel<MR>(acc, count, zero, zero, out, out_stride);
+  store_panel<MR>(acc, count, b0, b1, out, out_stride);
 }
 
-using PackedRows = void (*)(const uint16_t*, int, const uint32_t*, int, int, __m512, float*, size_t);
+using PackedRows = void (*)(const uint16_t*, int, const uint32_t*, int, int, __m512, __m512, float*,
+                            size_t);
 constexpr PackedRows kPackedRowsFns[kPanelRows] = {
     packed_rows<1>, packed_rows<2>, packed_rows<3>, packed_rows<4>,  packed_rows<5>,  packed_rows<6>,
     packed_rows<7>, packed_rows<8>, packed_rows<9>, packed_rows<10>, packed_rows<11>, packed_rows<12>};
@@ -710,10 +694,13 @@ void dense_panels(const uint16_t* x, int rows, const uint16_t* w, size_t w_strid
     packed.resize(size_t(in_features / 2) * kPanel);
     const int n0 = panel * kPanel, count = std::min(kPanel, out_features - n0);
     pack_panel(w, w_stride, in_features, n0, count, packed.data());
+    const __m512 b0 = bias ? _mm512_maskz_loadu_ps(panel_mask(count, 0), bias + n0) : _mm512_setzero_ps();
+    const __m512 b1 = bias ? _mm512_maskz_loadu_ps(panel_mask(count, 1), bias + n0 + 16) : _mm512_setzero_ps();
     for (int first = 0; first < rows; first += kPanelRows) {
       const int block = std::min(kPanelRows, rows - first);
-      kPanelRowsFns[block - 1](x + size_t(first) * in_features, in_features, packed.data(), n0,
-                               count, bias, out + size_t(first) * out_features, out_features);
+      kPackedRowsFns[block - 1](x + size_t(first) * in_features, in_features, packed.data(),
+                                in_features / 2, count, b0, b1,
+                                out + size_t(first) * out_features + n0, out_features);
     }
   });
 }
@@ -729,7 +716,7 @@ void packed_product(const uint16_t* x, int rows, int x_stride, const uint32_t* p
     for (int first = 0; first < rows; first += kPanelRows) {
       const int block = std::min(kPanelRows, rows - first);
       kPackedRowsFns[block - 1](x + size_t(first) * x_stride, x_stride, panel, pairs, count, zero,
-                                out + size_t(first) * out_stride + n0, out_stride);
+                                zero, out + size_t(first) * out_stride + n0, out_stride);
     }
   }
 }
