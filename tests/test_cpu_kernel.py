@@ -323,6 +323,21 @@ def test_dense_panels_on_any_threads_and_a_column_slice_of_w(dense_kernel, rows)
     assert mx.array_equal(dense_kernel.matmul_bf16(x, wide, b, dtype=mx.float32), one)
 
 
+def test_outputs_over_64_mb_come_in_chunks_equal_to_the_whole(dense_kernel, kernel):
+    """Half-precision results of many rows go through a float32 buffer of at
+    most 64 MB: 4,200 x 4,096 outputs take two chunks, each rounded from the
+    same float32 values the unchunked float32 output holds."""
+    x, w, b = dense_inputs(4200, 4096, 64, seed=5)
+    if has_dense(dense_kernel):
+        f32 = dense_kernel.matmul_bf16(x, w, b, threads=2, dtype=mx.float32)
+        assert mx.array_equal(dense_kernel.matmul_bf16(x, w, b, threads=2), f32.astype(mx.bfloat16))
+    q, s, bq = mx.quantize(w, group_size=64, bits=4)
+    f32 = kernel.quantized_matvec(x, q, s, bq, 64, 4, threads=2)
+    assert max_rel(f32, exact_product(x, q, s, bq, 64, 4)) < 2e-6
+    got = kernel.quantized_matvec(x, q, s, bq, 64, 4, threads=2, dtype=mx.bfloat16)
+    assert mx.array_equal(got, f32.astype(mx.bfloat16))
+
+
 def test_dense_threads_and_strided_inputs(dense_kernel):
     if not has_dense(dense_kernel):
         return
