@@ -17,15 +17,6 @@ namespace qwen3vl {
 namespace {
 
 #ifdef QMV_AVX512_BF16
-// K [T, D] as panels of 32 keys, each [D / 2][32] pairs of bfloat16 bits.
-void pack_keys(const uint16_t* k, int T, int D, std::vector<uint32_t>& packed) {
-  const int pairs = D / 2;
-  packed.assign(size_t((T + 31) / 32) * pairs * 32, 0);
-  for (int t = 0; t < T; ++t)
-    for (int p = 0; p < pairs; ++p)
-      std::memcpy(&packed[(size_t(t / 32) * pairs + p) * 32 + t % 32], k + size_t(t) * D + 2 * p, 4);
-}
-
 // V [T, D] as panels of 32 of its D columns, each [ceil(T / 2)][32] pairs of
 // positions (2p, 2p + 1), zero past T.
 void pack_values(const uint16_t* v, int T, int D, std::vector<uint32_t>& packed) {
@@ -43,10 +34,11 @@ void pack_values(const uint16_t* v, int T, int D, std::vector<uint32_t>& packed)
 void head_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, int L, int T, int D,
                     bool causal, uint16_t* out, size_t out_stride) {
   constexpr int kBlock = 32;  // query rows at a time: scores stay in L2
-  thread_local std::vector<uint32_t> keys, values;
-  pack_keys(k, T, D, keys);
-  pack_values(v, T, D, values);
   const int key_pairs = D / 2, value_pairs = (T + 1) / 2;
+  thread_local std::vector<uint32_t> keys, values;
+  keys.resize(size_t((T + 31) / 32) * key_pairs * 32);
+  pack_panels(k, D, D, T, keys.data());  // the keys as a weight matrix [T, D]
+  pack_values(v, T, D, values);
   std::vector<float> scores(size_t(kBlock) * T), mixed(size_t(kBlock) * D);
   std::vector<uint16_t> probabilities(size_t(kBlock) * 2 * value_pairs);
   for (int first = 0; first < L; first += kBlock) {

@@ -28,6 +28,10 @@ void dense(const uint16_t* x, int rows, const uint16_t* w, size_t w_stride, int 
 // `pairs` pairs are used (x rows x_stride apart, 2 * pairs elements each).
 void packed_product(const uint16_t* x, int rows, int x_stride, const uint32_t* packed, int pairs,
                     size_t panel_stride, int out_features, float* out, size_t out_stride);
+// w [N, K] (K even) packed that way: ceil(N / 32) panels of K / 2 pairs, zeros
+// past N (panel_stride K / 2 * 32).
+void pack_panels(const uint16_t* w, size_t w_stride, int in_features, int out_features,
+                 uint32_t* packed);
 const char* kernel_name();
 
 // The decoder's small ops (decode_ops.cpp).

@@ -155,6 +155,13 @@ inline void unpack_4bit(const uint8_t* bytes, __m512i table, __m512i* q) {
   q[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table);
 }
 
+// bfloat16(0 .. 15), twice: the vpermw table that turns nibbles into weights.
+inline __m512i nibble_table() {
+  alignas(64) uint16_t values[32];
+  for (int i = 0; i < 32; ++i) values[i] = bf16_bits(float(i & 15));
+  return _mm512_load_si512(values);
+}
+
 // 8 bits: 32 bytes = 32 weights in order.
 inline void unpack_8bit(const uint8_t* bytes, __m512i, __m512i* q) {
   __m512 lo = _mm512_cvtepi32_ps(
@@ -209,14 +216,7 @@ void matvec_avx512_bf16(const Problem& p, const uint16_t* x) {
   const size_t scales_stride = p.scales->strides(0), biases_stride = p.biases->strides(0);
   const T* scales_base = p.scales->data<T>();
   const T* biases_base = p.biases->data<T>();
-  alignas(64) uint16_t table_values[32];
-  for (int i = 0; i < 32; ++i) {
-    float f = float(i & 15);
-    uint32_t bits;
-    std::memcpy(&bits, &f, sizeof bits);
-    table_values[i] = uint16_t(bits >> 16);
-  }
-  const __m512i table = _mm512_load_si512(table_values);
+  const __m512i table = nibble_table();
   // A row's scales as float32 up front: one broadcast from memory per group.
   std::vector<float> scales((groups + 15) / 16 * 16);
   for (int n = 0; n < out_features; ++n) {
@@ -362,9 +362,7 @@ void pack_quantized_panel(const Problem& p, int n0, int count, Panel& panel) {
   std::vector<float> row_values(groups);
   const bool blocks = p.bits == 4 && count == kPanel && pairs % 16 == 0;
   if (blocks) {  // 16 rows x 16 bytes at a time, each byte to its two nibbles, then transposed
-    alignas(64) uint16_t nibbles[32];
-    for (int v = 0; v < 32; ++v) nibbles[v] = bf16_bits(float(v & 15));
-    const __m512i table = _mm512_load_si512(nibbles), low = _mm512_set1_epi32(15);
+    const __m512i table = nibble_table(), low = _mm512_set1_epi32(15);
     for (int k0 = 0; k0 < pairs; k0 += 16)
       for (int c0 = 0; c0 < kPanel; c0 += 16) {
         __m512i rows[16], columns[16];
@@ -706,6 +704,14 @@ void dense_panels(const uint16_t* x, int rows, const uint16_t* w, size_t w_strid
 }
 
 }  // namespace
+
+void pack_panels(const uint16_t* w, size_t w_stride, int in_features, int out_features,
+                 uint32_t* packed) {
+  const size_t panel_size = size_t(in_features / 2) * kPanel;
+  for (int n0 = 0; n0 < out_features; n0 += kPanel)
+    pack_panel(w, w_stride, in_features, n0, std::min(kPanel, out_features - n0),
+               packed + size_t(n0 / kPanel) * panel_size);
+}
 
 void packed_product(const uint16_t* x, int rows, int x_stride, const uint32_t* packed, int pairs,
                     size_t panel_stride, int out_features, float* out, size_t out_stride) {
