@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include "mlx/mlx.h"
 
@@ -50,5 +51,9 @@ mx::array rotary(const mx::array& x, const mx::array& cos, const mx::array& sin,
                  mx::StreamOrDevice s);
 mx::array attention_bf16(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                          bool causal, int threads, mx::StreamOrDevice s);
+
+// Weights in transparent huge pages (huge_pages.cpp).
+bool huge_pages_available();
+std::vector<mx::array> copy_to_huge_pages(const std::vector<mx::array>& arrays);
 
 }  // namespace qwen3vl

@@ -2,6 +2,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include "kernels.h"
 
@@ -48,6 +49,11 @@ NB_MODULE(_quantized_matvec, m) {
         "softmax(q k^T * scale) v, unmasked or causal (query l sees keys up to T - L + l),\n"
         "for bfloat16 q [B, H, L, D], k, v [B, Hkv, T, D]; returns [B, L, H * D].\n"
         "AVX-512 BF16 builds only.");
+  m.def("copy_to_huge_pages", &copy_to_huge_pages, "arrays"_a,
+        "Copies of the evaluated `arrays`, together in one 2 MB-aligned arena that asks\n"
+        "Linux for transparent huge pages (freed with the last copy); strided views and\n"
+        "other systems: the arrays themselves.");
+  m.def("huge_pages_available", &huge_pages_available, "Can this build place arrays in huge pages?");
   m.def("has_dense_bf16", &has_dense_bf16, "Does this build have matmul_bf16?");
   m.def("kernel_name", &kernel_name, "Which code path this build runs.");
 }

@@ -25,6 +25,7 @@ from mlx_vlm.models.base import (
 )
 from mlx_vlm.models.cache import create_causal_mask
 
+from . import huge_pages
 from .config import ModelConfig, TextConfig
 from .decoder_ops import RMSNorm, attention, norm_rope, silu_mul
 from .layers import Embedding, Linear
@@ -191,6 +192,7 @@ class LanguageModel(nn.Module):
         logits_to_keep: int = 0,
         **kwargs,
     ) -> LanguageModelOutput:
+        huge_pages.place(self)
         h = self.model.embed_tokens(inputs) if inputs_embeds is None else inputs_embeds
         B, L = h.shape[:2]
         first = cache[0] if cache else None
