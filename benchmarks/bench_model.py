@@ -291,21 +291,29 @@ def variant_table(results, bw, markdown=False, clock="wall"):
     return render(header, rows, markdown)
 
 
-def roofline_rows(results, names, bw):
+def roofline_rows(results, names, bandwidth):
+    """The roofline at the best read bandwidth, and the fraction of it each
+    backend's decode reaches; also the fraction at the best read in 4 KB pages
+    (what the probe measured before it tried huge pages, see model_workers.bandwidth)."""
     rows = []
     per_token = {n: r.get("lm_bytes_per_token") for n, r in results.items() if r.get("lm_bytes_per_token")}
-    if not per_token or not bw:
+    if not per_token or not bandwidth:
         return rows
-    roof = {n: bw / b for n, b in per_token.items()}
+    roof = {n: bandwidth["bytes_per_s"] / b for n, b in per_token.items()}
     rows.append(["decode roofline [tok/s] (bandwidth / LM weight bytes per token)"]
                 + [f"{roof[n]:.3g} ({per_token[n] / 1e9:.3g} GB/tok)" if n in roof else "-" for n in names])
-    frac = {}
+    tok_s = {}
     for n in names:
         fig = results[n].get("figures", {}).get("decode")
         if fig and n in roof:
-            frac[n] = fig["work"] / statistics.median(fig["times"]) / roof[n]
-    if frac:
-        rows.append(["decode, fraction of roofline"] + [f"{frac[n]:.1%}" if n in frac else "-" for n in names])
+            tok_s[n] = fig["work"] / statistics.median(fig["times"])
+    if not tok_s:
+        return rows
+    rows.append(["decode, fraction of roofline"] + [f"{tok_s[n] / roof[n]:.1%}" if n in tok_s else "-" for n in names])
+    if bandwidth.get("bytes_per_s_4k"):
+        roof_4k = {n: bandwidth["bytes_per_s_4k"] / b for n, b in per_token.items()}
+        rows.append(["decode, fraction of the roofline at 4 KB-page bandwidth"]
+                    + [f"{tok_s[n] / roof_4k[n]:.1%}" if n in tok_s else "-" for n in names])
     return rows
 
 
@@ -314,8 +322,11 @@ def memory_rows(results, names):
         return "-" if not value else f"{value / 1e9:.2f} GB"
 
     mem = {n: results[n].get("memory", {}) for n in names}
-    rows = [["peak MLX memory (mx.get_peak_memory)"] + [gb(mem[n].get("peak_bytes")) for n in names],
-            ["peak RSS (ru_maxrss)"] + [gb(mem[n].get("maxrss_bytes")) for n in names]]
+    rows = [["peak MLX memory (mx.get_peak_memory; without the plugin's huge-page weights)"]
+            + [gb(mem[n].get("peak_bytes")) for n in names],
+            ["peak RSS (ru_maxrss)"] + [gb(mem[n].get("maxrss_bytes")) for n in names],
+            ["load [s] (plugin: with moving the LM weights into huge pages)"]
+            + [f"{results[n]['load_s']:.1f}" if "load_s" in results[n] else "-" for n in names]]
     return rows
 
 
@@ -347,7 +358,7 @@ def measure_bandwidth(args) -> dict:
 
 
 def print_tables(report, markdown, clock="wall"):
-    a, bw = report["args"], report["bandwidth"]["bytes_per_s"]
+    a, bw = report["args"], report["bandwidth"]
     for quant, results in report["variants"].items():
         title = f"{a['shape']}, {'unquantized' if quant == 'none' else quant + '-bit'}"
         parts = [f"repeats={a['repeats']}", f"warmup={a['warmup']}"]
@@ -386,7 +397,9 @@ def main(argv=None):
         f"cut it with --repeats, --decode-tokens, --prefill-tokens, --vision-sizes, --only)")
 
     bw = measure_bandwidth(args)
-    say("memory bandwidth: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bw["per_method"].items()))
+    say("memory bandwidth: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bw["per_method"].items())
+        + "; share of the arrays in huge pages: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in bw.get("huge_page_share", {}).items()))
 
     report = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "checkpoint": str(base), "parameters": params, "bandwidth": bw, "variants": {}}
