@@ -161,14 +161,9 @@ class Model(nn.Module):
     def sanitize(self, weights: dict) -> dict:
         """Hugging Face names (`model.language_model.*`, `model.visual.*`,
         `lm_head.*`) to this module's; converted names pass through."""
-        renames = (
-            ("model.language_model.", "language_model.model."),
-            ("model.visual.", "vision_tower."),
-            ("lm_head.", "language_model.lm_head."),
-        )
         out = {}
         for key, value in weights.items():
-            for old, new in renames:
+            for old, new in _RENAMES:
                 if key.startswith(old):
                     key = new + key[len(old) :]
                     break
@@ -197,6 +192,24 @@ class Model(nn.Module):
             )
         return sanitized
 
+    def load_weights(self, file_or_weights, strict: bool = True):
+        """nn.Module.load_weights; a strict load that lacks weights names them
+        as both checkpoint layouts do and says what to do."""
+        if strict and not isinstance(file_or_weights, str):
+            file_or_weights = list(file_or_weights)
+            given = {name for name, _ in file_or_weights}
+            missing = sorted(set(tree_flatten(self.parameters(), destination={})) - given)
+            if missing:
+                named = [f"{_hugging_face_name(k)} ({k} when converted)" for k in missing[:10]]
+                more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+                raise ValueError(
+                    f"the checkpoint lacks {len(missing)} weights this model needs: "
+                    f"{', '.join(named)}{more}; it is incomplete or for another architecture: "
+                    "download or convert it again (a sharded checkpoint needs every file its "
+                    "model.safetensors.index.json lists) and check config.json"
+                )
+        return super().load_weights(file_or_weights, strict=strict)
+
 
 def _unknown_language_weights(language_model, weights: dict) -> list:
     """Keys under `language_model.` with no parameter there (quantization
@@ -208,6 +221,21 @@ def _unknown_language_weights(language_model, weights: dict) -> list:
         for key in weights
         if key.startswith(prefix) and not is_loadable_weight(key[len(prefix) :], names)
     ]
+
+
+# Hugging Face prefixes -> this module's (converted checkpoints use the latter).
+_RENAMES = (
+    ("model.language_model.", "language_model.model."),
+    ("model.visual.", "vision_tower."),
+    ("lm_head.", "language_model.lm_head."),
+)
+
+
+def _hugging_face_name(name: str) -> str:
+    for hugging_face, ours in _RENAMES:
+        if name.startswith(ours):
+            return hugging_face + name[len(ours) :]
+    return name
 
 
 # Non-persistent buffers some exports include; the model computes them.
