@@ -557,13 +557,18 @@ def test_frame_lists_and_arrays(processor, tmp_path):
 @pytest.mark.parametrize("cap", [False, True])
 def test_video_patch_counts_match_transformers(processor, cap):
     ours = processor.video_processor
-    settings = types.SimpleNamespace(
+    values = dict(
         size=ours.size,
         patch_size=16,
         merge_size=2,
         temporal_patch_size=2,
         cap_pixels_per_frame=cap,
         max_video_tokens=ours.max_video_tokens,
+    )
+    # transformers up to 5.24 reads these as attributes, from 5.25 through
+    # _merge_and_standardize_kwargs (the processor's defaults + the call's kwargs).
+    settings = types.SimpleNamespace(
+        **values, _merge_and_standardize_kwargs=lambda **kwargs: {**values, **kwargs}
     )
     for frames, height, width in [
         (4, 360, 640),
