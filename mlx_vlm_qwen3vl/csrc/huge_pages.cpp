@@ -9,13 +9,21 @@
 // before the process starts. So a model's weights are copied, once, into one
 // 2 MB-aligned arena that asks for huge pages before its first write; the
 // arrays returned read it in place and the arena is freed with the last of
-// them.
+// them. An array much larger than 2 MB (the embedding) stays where it is and
+// has the 2 MB pages inside it collapsed in place: no second copy of it is
+// ever resident.
 #include <cstring>
 #include <memory>
 #include <stdexcept>
 
+#if defined(__linux__) && defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #ifdef __linux__
 #include <sys/mman.h>
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25  // Linux 6.1 (older C headers lack it; older kernels refuse it)
+#endif
 #endif
 
 #include "kernels.h"
@@ -104,6 +112,29 @@ std::vector<mx::array> copy_to_huge_pages(const std::vector<mx::array>& arrays) 
   return placed;
 #else
   return arrays;
+#endif
+}
+
+size_t collapse_to_huge_pages(const mx::array& a) {
+#ifdef __linux__
+  if (!a.is_available())
+    throw std::invalid_argument("collapse_to_huge_pages: evaluate the array first");
+  const uintptr_t first = round_up(reinterpret_cast<uintptr_t>(a.data<char>()), kHugePage);
+  const uintptr_t last = (reinterpret_cast<uintptr_t>(a.data<char>()) + a.nbytes()) / kHugePage * kHugePage;
+  if (last <= first) return 0;
+  void* start = reinterpret_cast<void*>(first);
+  if (madvise(start, last - first, MADV_HUGEPAGE) != 0) return 0;
+  return madvise(start, last - first, MADV_COLLAPSE) == 0 ? last - first : 0;
+#else
+  return 0;
+#endif
+}
+
+void release_free_memory() {
+#if defined(__linux__) && defined(__GLIBC__)
+  // Buffers MLX freed below glibc's mmap threshold stay in the heap; moving
+  // the weights out leaves ~10% of them there.
+  malloc_trim(0);
 #endif
 }
 

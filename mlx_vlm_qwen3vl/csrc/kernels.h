@@ -55,5 +55,7 @@ mx::array attention_bf16(const mx::array& q, const mx::array& k, const mx::array
 // Weights in transparent huge pages (huge_pages.cpp).
 bool huge_pages_available();
 std::vector<mx::array> copy_to_huge_pages(const std::vector<mx::array>& arrays);
+size_t collapse_to_huge_pages(const mx::array& a);
+void release_free_memory();
 
 }  // namespace qwen3vl

@@ -53,6 +53,11 @@ NB_MODULE(_quantized_matvec, m) {
         "Copies of the evaluated `arrays`, together in one 2 MB-aligned arena that asks\n"
         "Linux for transparent huge pages (freed with the last copy); strided views and\n"
         "other systems: the arrays themselves.");
+  m.def("collapse_to_huge_pages", &collapse_to_huge_pages, "a"_a,
+        "Asks Linux to back the whole 2 MB pages inside the evaluated array `a` with huge\n"
+        "pages, now (MADV_COLLAPSE); returns the bytes it did (0 where it cannot).");
+  m.def("release_free_memory", &release_free_memory,
+        "Returns the C heap's free pages to the system (glibc's malloc_trim).");
   m.def("huge_pages_available", &huge_pages_available, "Can this build place arrays in huge pages?");
   m.def("has_dense_bf16", &has_dense_bf16, "Does this build have matmul_bf16?");
   m.def("kernel_name", &kernel_name, "Which code path this build runs.");

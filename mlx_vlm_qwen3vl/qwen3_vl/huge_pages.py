@@ -1,8 +1,10 @@
 """Weights in transparent huge pages, on Linux CPUs (csrc/huge_pages.cpp says why).
 
-The first forward pass of the language model and of the vision tower on the
-CPU moves that module's parameters into huge-page arenas, a chunk at a time so
-that memory never holds more than one chunk twice. The values do not change.
+The first forward pass of the language model on the CPU moves its parameters
+into huge pages. Arrays of at least IN_PLACE_BYTES (the embedding) stay where
+they are and have the 2 MB pages inside them collapsed in place; the others
+are copied into 2 MB-aligned arenas, CHUNK_BYTES at a time, so that memory
+never holds more than one chunk twice. The values do not change.
 
 MLX's memory counters (`mx.get_active_memory`, `mx.get_peak_memory`) do not see
 the arenas: compare memory by the process's resident size.
@@ -22,7 +24,8 @@ from . import layers
 
 ENV_VAR = "MLX_VLM_QWEN3VL_HUGE_PAGES"
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-CHUNK_BYTES = 256 << 20
+IN_PLACE_BYTES = 64 << 20
+CHUNK_BYTES = 64 << 20
 _PLACED = "_weights_in_huge_pages"
 
 
@@ -51,19 +54,28 @@ def place(module) -> None:
     setattr(module, _PLACED, True)
     if not enabled():
         return
+    kernel = cpu_kernel.load()
+    mx.clear_cache()
     chunks, size = [[]], 0
     for name, array in tree_flatten(module.parameters()):
+        if array.nbytes >= IN_PLACE_BYTES:
+            mx.eval(array)
+            kernel.collapse_to_huge_pages(array)
+            continue
         if size >= CHUNK_BYTES:
             chunks.append([])
             size = 0
         chunks[-1].append(name)
         size += array.nbytes
     for names in chunks:
-        _move(module, names)
+        _copy(module, names)
         mx.clear_cache()  # the replaced buffers go back before the next chunk is copied
+    kernel.release_free_memory()
 
 
-def _move(module, names: list) -> None:
+def _copy(module, names: list) -> None:
+    if not names:
+        return
     parameters = dict(tree_flatten(module.parameters()))
     arrays = [parameters[name] for name in names]
     mx.eval(arrays)
