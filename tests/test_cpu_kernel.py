@@ -169,6 +169,35 @@ def test_rows_in_blocks_equal_rows_one_at_a_time(kernel):
     assert mx.array_equal(together, alone)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_several_weights_in_one_op_equal_their_products_side_by_side(kernel, bits, rows, dtype):
+    """quantized_matvec_many (a decode step's q/k/v, gate/up): every column as
+    quantized_matvec computes it, bit for bit, whatever the threads."""
+    weights = [quantized(n, 256, bits, 64, scale_dtype, seed=n)
+               for n, scale_dtype in ((200, mx.bfloat16), (64, mx.float16), (130, mx.bfloat16))]
+    x = mx.random.normal((1, rows, 256), key=mx.random.key(rows)).astype(mx.bfloat16)
+    columns = [list(t) for t in zip(*weights)]
+    side_by_side = mx.concatenate(
+        [kernel.quantized_matvec(x, q, s, b, 64, bits, dtype=dtype) for q, s, b in weights], axis=-1)
+    for threads in (1, 2, 3):
+        together = kernel.quantized_matvec_many(x, *columns, 64, bits, threads=threads, dtype=dtype)
+        assert together.shape == (1, rows, 394) and together.dtype == dtype
+        assert mx.array_equal(together, side_by_side)
+
+
+def test_one_op_products_refuse_what_they_do_not_take(kernel):
+    q, s, b = quantized(64, 256, 4, 64)
+    x = mx.ones((9, 256), dtype=mx.bfloat16)
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        kernel.quantized_matvec_many(x, [q], [s], [b], 64, 4)
+    with pytest.raises(ValueError, match="each with its scales and biases"):
+        kernel.quantized_matvec_many(x[:1], [q, q], [s], [b], 64, 4)
+    with pytest.raises(ValueError, match="shapes of x, w, scales, biases disagree"):
+        kernel.quantized_matvec_many(x[:1], [q, q[:, :16]], [s, s], [b, b], 64, 4)
+
+
 @pytest.mark.parametrize("bits, scale_dtype", [(4, mx.bfloat16), (8, mx.float16), (4, mx.float32)])
 def test_many_rows_in_packed_panels(kernel, bits, scale_dtype):
     """From 16 rows (bfloat16 x) the native build packs 32 output features at a

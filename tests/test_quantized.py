@@ -16,11 +16,12 @@ from transformers import Qwen3VLForConditionalGeneration
 from mlx_vlm.convert import convert
 from mlx_vlm.generate import generate
 from mlx_vlm.utils import load, load_model
+from mlx_vlm_qwen3vl import cpu_kernel
 from mlx_vlm_qwen3vl.builder import build_checkpoint
 from mlx_vlm_qwen3vl.qwen3_vl import Model
 from mlx_vlm_qwen3vl.qwen3_vl.processing import Qwen3VLProcessor
 
-from helpers import copy_checkpoint_with, use_accelerator_ops
+from helpers import copy_checkpoint_with, single_run, use_accelerator_ops
 
 N_TOKENS = 16
 GROUP_SIZE = 64  # divides every text-layer input width of the tiny shape (128, 256)
@@ -221,6 +222,27 @@ def test_native_quantized_products_match_mlx_quantized_matmul(converted, prompts
         reference = _ours_logits(model, inputs)
         assert np.abs(native[case] - reference).max() <= 1e-4 * np.abs(reference).max()
         np.testing.assert_array_equal(native[case].argmax(-1), reference.argmax(-1))
+
+
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_native_quantized_decode_matches_mlx_quantized_matmul(converted, prompts, bits, monkeypatch):
+    """Decode steps (one row: q/k/v and gate/up each as one native op,
+    layers.products) against MLX's quantized_matmul, step by step."""
+    model = load_model(Path(converted[bits]))
+    kernel = cpu_kernel.load()
+    one_op = kernel.quantized_matvec_many
+    calls = []
+    monkeypatch.setattr(kernel, "quantized_matvec_many", lambda *a, **kw: calls.append(1) or one_op(*a, **kw))
+    ids = prompts["text"]["input_ids"][0].tolist()
+    assert len(ids) > 8  # the prompt's products take the many-row path
+    steps = 6
+    native, native_tokens = single_run(model, ids, {}, steps)
+    assert len(calls) == steps * 2 * len(model.language_model.layers)
+    use_accelerator_ops(monkeypatch)
+    reference, reference_tokens = single_run(model, ids, {}, steps)
+    assert native_tokens == reference_tokens and len(set(native_tokens)) > 1
+    for got, want in zip(native[1:], reference[1:]):
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
 def test_converted_float_checkpoint_gives_identical_logits(converted, tiny_checkpoint, prompts):

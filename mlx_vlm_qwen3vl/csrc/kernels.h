@@ -16,6 +16,13 @@ namespace mx = mlx::core;
 mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::array& scales,
                            const mx::array& biases, int group_size, int bits, int threads,
                            std::optional<mx::Dtype> dtype, mx::StreamOrDevice s);
+// Several quantized matrices times the same x (at most 8 rows): one output
+// [..., sum of their out features], each column as quantized_matvec gives it.
+mx::array quantized_matvec_many(const mx::array& x, const std::vector<mx::array>& weights,
+                                const std::vector<mx::array>& scales,
+                                const std::vector<mx::array>& biases, int group_size, int bits,
+                                int threads, std::optional<mx::Dtype> dtype,
+                                mx::StreamOrDevice s);
 mx::array matmul_bf16(const mx::array& x, const mx::array& w, std::optional<mx::array> bias,
                       int threads, std::optional<mx::Dtype> dtype, mx::StreamOrDevice s);
 bool has_dense_bf16();

@@ -17,6 +17,12 @@ NB_MODULE(_quantized_matvec, m) {
         "stream"_a = nb::none(),
         "x @ dequantize(w, scales, biases).T (x in blocks of 8 rows), summed in\n"
         "float32 and returned as `dtype` (default float32), on `threads` threads.");
+  m.def("quantized_matvec_many", &quantized_matvec_many, "x"_a, "weights"_a, "scales"_a,
+        "biases"_a, "group_size"_a, "bits"_a, nb::kw_only(), "threads"_a = 1,
+        "dtype"_a = nb::none(), "stream"_a = nb::none(),
+        "The products of x (at most 8 rows) with several quantized matrices of one\n"
+        "group size and width, concatenated along the last axis: one op, one pass\n"
+        "of the thread pool. Each column equals quantized_matvec's.");
   m.def("matmul_bf16", &matmul_bf16, "x"_a, "w"_a, "bias"_a = nb::none(), nb::kw_only(),
         "threads"_a = 1, "dtype"_a = nb::none(), "stream"_a = nb::none(),
         "x @ w.T (+ bias) for bfloat16 x and w, summed in float32, returned as `dtype`\n"

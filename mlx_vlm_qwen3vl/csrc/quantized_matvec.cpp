@@ -318,19 +318,29 @@ void matvec_part(const Problem& p) {
   matvec_generic(p);
 }
 
-// Blocks of output features, several per thread (see WorkerPool).
-void matvec(const Problem& p, int threads) {
+// p's output features in blocks, several per thread (see WorkerPool), appended to `parts`.
+void add_parts(const Problem& p, int threads, std::vector<Problem>& parts) {
   constexpr int kMinPart = 64, kPartsPerThread = 8;
-  const int parts = std::max(1, std::min(threads * kPartsPerThread, p.out_features / kMinPart));
-  run_parts(parts, threads, [&](int i) {
-    const int begin = int(int64_t(p.out_features) * i / parts);
-    const int end = int(int64_t(p.out_features) * (i + 1) / parts);
+  const int count = std::max(1, std::min(threads * kPartsPerThread, p.out_features / kMinPart));
+  for (int i = 0; i < count; ++i) {
+    const int begin = int(int64_t(p.out_features) * i / count);
+    const int end = int(int64_t(p.out_features) * (i + 1) / count);
     Problem part = p;
     part.first_row += begin;
     part.out_features = end - begin;
     part.out += begin;
-    matvec_part(part);
-  });
+    parts.push_back(part);
+  }
+}
+
+void run_problems(const std::vector<Problem>& parts, int threads) {
+  run_parts(int(parts.size()), threads, [&](int i) { matvec_part(parts[i]); });
+}
+
+void matvec(const Problem& p, int threads) {
+  std::vector<Problem> parts;
+  add_parts(p, threads, parts);
+  run_problems(parts, threads);
 }
 
 #ifdef QMV_AVX512_BF16
@@ -505,21 +515,50 @@ void quantized_matvec_rows(const mx::array& x, const mx::array& w, const mx::arr
   }
 }
 
+// Several quantized matrices (in = x, w0, s0, b0, w1, s1, b1, ...) times the
+// same few rows of x, into one output [rows, sum of their out features]: x is
+// converted once and all products' parts share one run of the thread pool (a
+// decode step's q/k/v and gate/up: fewer pool runs and ops, no idle tails).
+// Each output is computed exactly as quantized_matvec computes it.
+void quantized_matvec_many_rows(const std::vector<mx::array>& in, mx::array& out, int group_size,
+                                int bits, int threads) {
+  const mx::array& x = in[0];
+  const int in_features = x.shape(-1);
+  const int rows = x.size() / in_features;
+  const int groups = in_features / group_size;
+  const int total = out.shape(-1);
+  std::vector<char> x_copy;
+  const char* x_data = row_major_data(x, x_copy);
+  std::vector<float> xf(size_t(rows) * in_features), sums(size_t(rows) * groups);
+  load_floats(x_data, x.dtype(), 0, size_t(rows) * in_features, xf.data());
+  group_sums(xf.data(), rows, in_features, group_size, sums.data());
+  std::vector<float> out_f32(out.dtype() == mx::float32 ? 0 : size_t(rows) * total);
+  float* results = out_f32.empty() ? out.data<float>() : out_f32.data();
+  std::vector<Problem> parts;
+  int column = 0;
+  for (size_t i = 1; i + 2 < in.size(); i += 3) {
+    const mx::array &w = in[i], &s = in[i + 1], &b = in[i + 2];
+    Problem p{rows, in_features, w.shape(0), group_size, bits, /*first_row=*/0,
+              w.data<uint8_t>(), size_t(w.strides(0)) * w.itemsize(), &s, &b, xf.data(),
+              x.dtype() == mx::bfloat16 ? reinterpret_cast<const uint16_t*>(x_data) : nullptr,
+              sums.data(), results + column, total};
+    add_parts(p, threads, parts);
+    column += w.shape(0);
+  }
+  run_problems(parts, threads);
+  if (!out_f32.empty()) store_as(results, size_t(rows) * total, out, 0);
+}
+
 void check_rows_contiguous(const std::vector<mx::array>& inputs) {
-  for (int i = 1; i < 4; ++i)
+  for (size_t i = 1; i < inputs.size(); ++i)
     if (inputs[i].strides(-1) != 1)
       throw std::invalid_argument(
           "quantized_matvec: the rows of w, scales and biases must be contiguous");
 }
 
-}  // namespace
-
-mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::array& scales,
-                           const mx::array& biases, int group_size, int bits, int threads,
-                           std::optional<mx::Dtype> dtype, mx::StreamOrDevice s) {
-  auto stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu)
-    throw std::invalid_argument("quantized_matvec: a CPU stream is required");
+// The checks every quantized product makes of its arguments.
+void check_quantized(const mx::array& x, const mx::array& w, const mx::array& scales,
+                     const mx::array& biases, int group_size, int bits) {
   for (auto* a : {&x, &scales, &biases})
     if (a->dtype() != mx::float32 && a->dtype() != mx::float16 && a->dtype() != mx::bfloat16)
       throw std::invalid_argument("quantized_matvec: x, scales and biases must be floating point");
@@ -533,13 +572,28 @@ mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::arr
       group_size <= 0 || in_features % group_size != 0 ||
       scales.shape(0) != w.shape(0) || scales.shape(1) != in_features / group_size)
     throw std::invalid_argument("quantized_matvec: shapes of x, w, scales, biases disagree");
+}
+
+void check_threads_and_dtype(int threads, mx::Dtype dtype) {
   if (threads < 1 || threads > 256)
     throw std::invalid_argument("quantized_matvec: threads must be between 1 and 256");
+  if (dtype != mx::float32 && dtype != mx::float16 && dtype != mx::bfloat16)
+    throw std::invalid_argument("quantized_matvec: dtype must be float32, float16 or bfloat16");
+}
+
+}  // namespace
+
+mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::array& scales,
+                           const mx::array& biases, int group_size, int bits, int threads,
+                           std::optional<mx::Dtype> dtype, mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu)
+    throw std::invalid_argument("quantized_matvec: a CPU stream is required");
+  check_quantized(x, w, scales, biases, group_size, bits);
+  const mx::Dtype out_dtype = dtype.value_or(mx::float32);
+  check_threads_and_dtype(threads, out_dtype);
   auto out_shape = x.shape();
   out_shape.back() = w.shape(0);
-  const mx::Dtype out_dtype = dtype.value_or(mx::float32);
-  if (out_dtype != mx::float32 && out_dtype != mx::float16 && out_dtype != mx::bfloat16)
-    throw std::invalid_argument("quantized_matvec: dtype must be float32, float16 or bfloat16");
   // No `contiguous` ops (each op costs a dispatch in a decode step, and it
   // would copy a row slice of a larger buffer): strided x is gathered in the kernel.
   std::vector<mx::array> inputs = {x, w, scales, biases};
@@ -549,6 +603,41 @@ mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::arr
                        [group_size, bits, threads](const std::vector<mx::array>& in, mx::array& out) {
                          quantized_matvec_rows(in[0], in[1], in[2], in[3], out, group_size, bits,
                                                threads);
+                       },
+                       check_rows_contiguous),
+                   std::move(inputs));
+}
+
+mx::array quantized_matvec_many(const mx::array& x, const std::vector<mx::array>& weights,
+                                const std::vector<mx::array>& scales,
+                                const std::vector<mx::array>& biases, int group_size, int bits,
+                                int threads, std::optional<mx::Dtype> dtype,
+                                mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu)
+    throw std::invalid_argument("quantized_matvec_many: a CPU stream is required");
+  if (weights.empty() || scales.size() != weights.size() || biases.size() != weights.size())
+    throw std::invalid_argument("quantized_matvec_many: give one or more weights, each with its "
+                                "scales and biases");
+  const int rows = x.ndim() ? int(x.size() / x.shape(-1)) : 1;
+  if (rows > kMaxRows)
+    throw std::invalid_argument("quantized_matvec_many: at most 8 rows of x (use quantized_matvec)");
+  const mx::Dtype out_dtype = dtype.value_or(mx::float32);
+  check_threads_and_dtype(threads, out_dtype);
+  std::vector<mx::array> inputs = {x};
+  int total = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    check_quantized(x, weights[i], scales[i], biases[i], group_size, bits);
+    inputs.insert(inputs.end(), {weights[i], scales[i], biases[i]});
+    total += weights[i].shape(0);
+  }
+  auto out_shape = x.shape();
+  out_shape.back() = total;
+  return mx::array(out_shape, out_dtype,
+                   std::make_shared<CpuOp>(
+                       stream, "QuantizedMatvecMany",
+                       [group_size, bits, threads](const std::vector<mx::array>& in, mx::array& out) {
+                         quantized_matvec_many_rows(in, out, group_size, bits, threads);
                        },
                        check_rows_contiguous),
                    std::move(inputs));

@@ -28,7 +28,7 @@ from mlx_vlm.models.cache import create_causal_mask
 from . import huge_pages
 from .config import ModelConfig, TextConfig
 from .decoder_ops import RMSNorm, attention, norm_rope, silu_mul
-from .layers import Embedding, Linear
+from .layers import Embedding, Linear, products
 from .rope import InterleavedMRoPE, plain_offset, rope_index
 
 
@@ -53,9 +53,10 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         if positions is None:
             positions = cache.offset if cache is not None else 0
-        q = norm_rope(self.q_proj(x), self.q_norm, self.rope, positions, self.n_heads)
-        k = norm_rope(self.k_proj(x), self.k_norm, self.rope, positions, self.n_kv_heads)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k, v = products((self.q_proj, self.k_proj, self.v_proj), x)
+        q = norm_rope(q, self.q_norm, self.rope, positions, self.n_heads)
+        k = norm_rope(k, self.k_norm, self.rope, positions, self.n_kv_heads)
+        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
 
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
@@ -72,7 +73,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x) -> mx.array:
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        gate, up = products((self.gate_proj, self.up_proj), x)
+        return self.down_proj(silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):

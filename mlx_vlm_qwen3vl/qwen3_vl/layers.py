@@ -172,6 +172,41 @@ def _quantized_product(layer, x: mx.array) -> mx.array:
     return _sliced_product(product, out_features, dense_bytes, not _goes_to_fast_blas(x))
 
 
+def products(modules, x: mx.array) -> list:
+    """[m(x) for m in modules]; on the CPU in one native op where they are
+    quantized layers of one width and group size without a bias and x has at
+    most QUANTIZED_KERNEL_MAX_ROWS rows (a decode step's q/k/v and gate/up:
+    fewer ops and one pass of the thread pool instead of three or two). The
+    outputs are the same numbers, as views of one array."""
+    kernel = _one_op_kernel(modules, x)
+    if kernel is None:
+        return [m(x) for m in modules]
+    first = modules[0]
+    out = kernel.quantized_matvec_many(
+        x, [m["weight"] for m in modules], [m["scales"] for m in modules],
+        [m["biases"] for m in modules], first.group_size, first.bits,
+        threads=worker_count(), dtype=x.dtype,
+    )
+    outputs, start = [], 0
+    for m in modules:
+        end = start + m["weight"].shape[0]
+        outputs.append(out[..., start:end])
+        start = end
+    return outputs
+
+
+def _one_op_kernel(modules, x: mx.array):
+    if _rows(x) > QUANTIZED_KERNEL_MAX_ROWS:
+        return None
+    first = modules[0]
+    for m in modules:
+        if type(m) is not QuantizedLinear or not _cpu_quantized(m) or "bias" in m:
+            return None
+        if (m.bits, m.group_size) != (first.bits, first.group_size):
+            return None
+    return _native_kernel(first, x)
+
+
 def _native_dense_kernel(x: mx.array, weight: mx.array):
     """The native bfloat16 kernel, when it takes this product: bfloat16 x and
     W on a CPU with AVX-512 BF16 (faster than a BLAS's float32 sgemm)."""
