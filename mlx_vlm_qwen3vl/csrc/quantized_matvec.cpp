@@ -333,16 +333,6 @@ void add_parts(const Problem& p, int threads, std::vector<Problem>& parts) {
   }
 }
 
-void run_problems(const std::vector<Problem>& parts, int threads) {
-  run_parts(int(parts.size()), threads, [&](int i) { matvec_part(parts[i]); });
-}
-
-void matvec(const Problem& p, int threads) {
-  std::vector<Problem> parts;
-  add_parts(p, threads, parts);
-  run_problems(parts, threads);
-}
-
 #ifdef QMV_AVX512_BF16
 // Many rows: as in dense_panels (below), 32 output features at a time, their
 // integer weights packed as exact bfloat16 pairs [K / 2][32], every output
@@ -465,18 +455,57 @@ void group_sums(const float* x, int rows, int in_features, int group_size, float
     }
 }
 
-// The rows of x in blocks of up to kMaxRows: each block streams the weights once.
-void quantized_matvec_rows(const mx::array& x, const mx::array& w, const mx::array& s,
-                           const mx::array& b, mx::array& out, int group_size, int bits,
-                           int threads) {
+// Rows of x in blocks of up to kMaxRows times one or more quantized matrices
+// (in = x, w0, s0, b0, w1, s1, b1, ...), their outputs side by side in `out`.
+// Each block streams every weight once, and the parts of all the matrices
+// share one pass of the thread pool (a decode step's q/k/v and gate/up: fewer
+// ops and pool runs, no idle tail per matrix).
+void row_blocks(const std::vector<mx::array>& in, const char* x_data, mx::array& out,
+                int group_size, int bits, int threads) {
+  const mx::array& x = in[0];
+  const int in_features = x.shape(-1);
+  const int rows = x.size() / in_features;
+  const int groups = in_features / group_size;
+  const int total = out.shape(-1);
+  const int max_block = std::min(kMaxRows, rows);
+  std::vector<float> xf(size_t(max_block) * in_features), sums(size_t(max_block) * groups);
+  std::vector<float> out_f32(out.dtype() == mx::float32 ? 0 : size_t(max_block) * total);
+  for (int first = 0; first < rows; first += kMaxRows) {
+    const int block = std::min(kMaxRows, rows - first);
+    const char* x_block = x_data + size_t(first) * in_features * x.itemsize();
+    load_floats(x_block, x.dtype(), 0, size_t(block) * in_features, xf.data());
+    group_sums(xf.data(), block, in_features, group_size, sums.data());
+    float* results = out_f32.empty() ? out.data<float>() + size_t(first) * total : out_f32.data();
+    std::vector<Problem> parts;
+    int column = 0;
+    for (size_t i = 1; i + 2 < in.size(); i += 3) {
+      const mx::array &w = in[i], &s = in[i + 1], &b = in[i + 2];
+      Problem p{block, in_features, w.shape(0), group_size, bits, /*first_row=*/0,
+                w.data<uint8_t>(), size_t(w.strides(0)) * w.itemsize(), &s, &b, xf.data(),
+                x.dtype() == mx::bfloat16 ? reinterpret_cast<const uint16_t*>(x_block) : nullptr,
+                sums.data(), results + column, total};
+      add_parts(p, threads, parts);
+      column += w.shape(0);
+    }
+    run_parts(int(parts.size()), threads, [&](int i) { matvec_part(parts[i]); });
+    if (!out_f32.empty())
+      store_as(results, size_t(block) * total, out, size_t(first) * total);
+  }
+}
+
+// in = x, w, scales, biases (or several matrices, see row_blocks).
+void quantized_matvec_rows(const std::vector<mx::array>& in, mx::array& out, int group_size,
+                           int bits, int threads) {
+  const mx::array& x = in[0];
+  std::vector<char> x_copy;  // when x is a strided view
+  const char* x_data = row_major_data(x, x_copy);
+#ifdef QMV_AVX512_BF16
   const int in_features = x.shape(-1);
   const int rows = x.size() / in_features;
   const int groups = in_features / group_size;
   const int out_features = out.shape(-1);
-  std::vector<char> x_copy;  // when x is a strided view
-  const char* x_data = row_major_data(x, x_copy);
-#ifdef QMV_AVX512_BF16
-  if (rows >= kPanelMinRows && x.dtype() == mx::bfloat16 && group_size % 2 == 0 &&
+  const mx::array &w = in[1], &s = in[2], &b = in[3];
+  if (in.size() == 4 && rows >= kPanelMinRows && x.dtype() == mx::bfloat16 && group_size % 2 == 0 &&
       s.dtype() == b.dtype()) {
     std::vector<float> xf(static_cast<size_t>(in_features)), sums(size_t(rows) * groups);
     for (int m = 0; m < rows; ++m) {
@@ -494,59 +523,7 @@ void quantized_matvec_rows(const mx::array& x, const mx::array& w, const mx::arr
     return;
   }
 #endif
-  // Blocks of up to kMaxRows rows: each streams the weights once.
-  const int max_block = std::min(kMaxRows, rows);
-  std::vector<float> xf(size_t(max_block) * in_features), sums(size_t(max_block) * groups);
-  std::vector<float> out_f32(out.dtype() == mx::float32 ? 0 : size_t(max_block) * out_features);
-  for (int first = 0; first < rows; first += kMaxRows) {
-    const int block = std::min(kMaxRows, rows - first);
-    const char* x_block = x_data + size_t(first) * in_features * x.itemsize();
-    load_floats(x_block, x.dtype(), 0, size_t(block) * in_features, xf.data());
-    group_sums(xf.data(), block, in_features, group_size, sums.data());
-    float* results = out_f32.empty() ? out.data<float>() + size_t(first) * out_features
-                                     : out_f32.data();
-    Problem p{block, in_features, out_features, group_size, bits, /*first_row=*/0,
-              w.data<uint8_t>(), size_t(w.strides(0)) * w.itemsize(), &s, &b, xf.data(),
-              x.dtype() == mx::bfloat16 ? reinterpret_cast<const uint16_t*>(x_block) : nullptr,
-              sums.data(), results, out_features};
-    matvec(p, threads);
-    if (!out_f32.empty())
-      store_as(results, size_t(block) * out_features, out, size_t(first) * out_features);
-  }
-}
-
-// Several quantized matrices (in = x, w0, s0, b0, w1, s1, b1, ...) times the
-// same few rows of x, into one output [rows, sum of their out features]: x is
-// converted once and all products' parts share one run of the thread pool (a
-// decode step's q/k/v and gate/up: fewer pool runs and ops, no idle tails).
-// Each output is computed exactly as quantized_matvec computes it.
-void quantized_matvec_many_rows(const std::vector<mx::array>& in, mx::array& out, int group_size,
-                                int bits, int threads) {
-  const mx::array& x = in[0];
-  const int in_features = x.shape(-1);
-  const int rows = x.size() / in_features;
-  const int groups = in_features / group_size;
-  const int total = out.shape(-1);
-  std::vector<char> x_copy;
-  const char* x_data = row_major_data(x, x_copy);
-  std::vector<float> xf(size_t(rows) * in_features), sums(size_t(rows) * groups);
-  load_floats(x_data, x.dtype(), 0, size_t(rows) * in_features, xf.data());
-  group_sums(xf.data(), rows, in_features, group_size, sums.data());
-  std::vector<float> out_f32(out.dtype() == mx::float32 ? 0 : size_t(rows) * total);
-  float* results = out_f32.empty() ? out.data<float>() : out_f32.data();
-  std::vector<Problem> parts;
-  int column = 0;
-  for (size_t i = 1; i + 2 < in.size(); i += 3) {
-    const mx::array &w = in[i], &s = in[i + 1], &b = in[i + 2];
-    Problem p{rows, in_features, w.shape(0), group_size, bits, /*first_row=*/0,
-              w.data<uint8_t>(), size_t(w.strides(0)) * w.itemsize(), &s, &b, xf.data(),
-              x.dtype() == mx::bfloat16 ? reinterpret_cast<const uint16_t*>(x_data) : nullptr,
-              sums.data(), results + column, total};
-    add_parts(p, threads, parts);
-    column += w.shape(0);
-  }
-  run_problems(parts, threads);
-  if (!out_f32.empty()) store_as(results, size_t(rows) * total, out, 0);
+  row_blocks(in, x_data, out, group_size, bits, threads);
 }
 
 void check_rows_contiguous(const std::vector<mx::array>& inputs) {
@@ -601,8 +578,7 @@ mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::arr
                    std::make_shared<CpuOp>(
                        stream, "QuantizedMatvec",
                        [group_size, bits, threads](const std::vector<mx::array>& in, mx::array& out) {
-                         quantized_matvec_rows(in[0], in[1], in[2], in[3], out, group_size, bits,
-                                               threads);
+                         quantized_matvec_rows(in, out, group_size, bits, threads);
                        },
                        check_rows_contiguous),
                    std::move(inputs));
@@ -637,7 +613,7 @@ mx::array quantized_matvec_many(const mx::array& x, const std::vector<mx::array>
                    std::make_shared<CpuOp>(
                        stream, "QuantizedMatvecMany",
                        [group_size, bits, threads](const std::vector<mx::array>& in, mx::array& out) {
-                         quantized_matvec_many_rows(in, out, group_size, bits, threads);
+                         quantized_matvec_rows(in, out, group_size, bits, threads);
                        },
                        check_rows_contiguous),
                    std::move(inputs));
