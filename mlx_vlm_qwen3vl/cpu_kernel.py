@@ -37,7 +37,10 @@ from pathlib import Path
 ENV_VAR = "MLX_VLM_QWEN3VL_KERNEL"
 MODULE_NAME = "_quantized_matvec"
 SOURCE_DIR = Path(__file__).parent / "csrc"
-SOURCES = ("quantized_matvec.cpp", "decode_ops.cpp", "attention.cpp", "huge_pages.cpp", "module.cpp")
+SOURCES = (
+    "quantized_matvec.cpp", "decode_ops.cpp", "decode_layer.cpp", "attention.cpp",
+    "huge_pages.cpp", "module.cpp",
+)
 BUILD_TIMEOUT_S = 600
 # Most rows one call takes (kMaxRows in the source).
 MAX_ROWS = 8

@@ -226,13 +226,14 @@ def test_native_quantized_products_match_mlx_quantized_matmul(converted, prompts
 
 @pytest.mark.parametrize("bits", ["8bit", "4bit"])
 def test_native_quantized_decode_matches_mlx_quantized_matmul(converted, prompts, bits, monkeypatch):
-    """Decode steps (one row: q/k/v and gate/up each as one native op,
-    layers.products) against MLX's quantized_matmul, step by step."""
+    """Decode steps (one row: each layer in two native ops, decode_layer.py)
+    against MLX's quantized_matmul, step by step."""
     model = load_model(Path(converted[bits]))
     kernel = cpu_kernel.load()
-    one_op = kernel.quantized_matvec_many
     calls = []
-    monkeypatch.setattr(kernel, "quantized_matvec_many", lambda *a, **kw: calls.append(1) or one_op(*a, **kw))
+    for op in ("decode_qkv", "decode_residual_mlp"):
+        native_op = getattr(kernel, op)
+        monkeypatch.setattr(kernel, op, lambda *a, _op=native_op, **kw: calls.append(1) or _op(*a, **kw))
     ids = prompts["text"]["input_ids"][0].tolist()
     assert len(ids) > 8  # the prompt's products take the many-row path
     steps = 6

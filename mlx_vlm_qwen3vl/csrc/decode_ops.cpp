@@ -16,94 +16,10 @@
 
 #include "common.h"
 #include "kernels.h"
+#include "rounding.h"
 
 namespace qwen3vl {
 namespace {
-
-// Rounds a float32 value to T and back (what an MLX op on T arrays does).
-template <typename T>
-inline float round_to(float v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
-    return bf16_to_float(bf16_bits(v));
-  } else {
-    return static_cast<float>(T(v));
-  }
-}
-
-// How T is stored: bfloat16 as its raw bits, so that loops over it vectorize
-// (MLX's bfloat16_t is a struct the vectorizer has no vector type for).
-template <typename T>
-using Storage = std::conditional_t<std::is_same_v<T, mx::bfloat16_t>, uint16_t, T>;
-
-template <typename T>
-inline float to_float(Storage<T> v) {
-  if constexpr (std::is_same_v<T, mx::bfloat16_t>) return bf16_to_float(v);
-  else return static_cast<float>(v);
-}
-
-// A float32 value already rounded to T, stored as T (exact: no rounding left).
-template <typename T>
-inline Storage<T> from_rounded(float v) {
-  if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
-    uint32_t bits;
-    std::memcpy(&bits, &v, sizeof bits);
-    return uint16_t(bits >> 16);
-  } else {
-    return T(v);
-  }
-}
-
-template <typename T>
-inline Storage<T> round_and_store(float v) {
-  return from_rounded<T>(round_to<T>(v));
-}
-
-template <typename T>
-inline void to_floats(const Storage<T>* src, float* dst, int n) {
-  for (int i = 0; i < n; ++i) dst[i] = to_float<T>(src[i]);
-}
-
-template <typename T>
-inline const Storage<T>* elements(const char* data) {
-  return reinterpret_cast<const Storage<T>*>(data);
-}
-
-template <typename T>
-inline Storage<T>* elements(mx::array& out) {
-  return reinterpret_cast<Storage<T>*>(out.data<char>());
-}
-
-template <typename F>
-void dispatch_float(mx::Dtype dtype, F&& f) {
-  switch (dtype) {
-    case mx::float32: return f(float{});
-    case mx::bfloat16: return f(mx::bfloat16_t{});
-    default: return f(mx::float16_t{});
-  }
-}
-
-void check_float(const mx::array& a, const char* op, const char* what) {
-  if (a.dtype() != mx::float32 && a.dtype() != mx::bfloat16 && a.dtype() != mx::float16)
-    throw std::invalid_argument(std::string(op) + ": " + what + " must be floating point");
-}
-
-mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op) {
-  auto stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu)
-    throw std::invalid_argument(std::string(op) + ": a CPU stream is required");
-  return stream;
-}
-
-// x * rsqrt(mean(x^2) + eps), rounded, times the weight, rounded.
-template <typename T>
-void normalize_row(const Storage<T>* x, const Storage<T>* weight, int n, float eps, float* out) {
-  to_floats<T>(x, out, n);
-  const float mean_square = dot(out, out, n) * (1.f / n);
-  const float r = 1.f / std::sqrt(mean_square + eps);
-  for (int i = 0; i < n; ++i) out[i] = round_to<T>(round_to<T>(out[i] * r) * to_float<T>(weight[i]));
-}
 
 #ifdef QMV_AVX512_BF16
 // One-query attention over a bfloat16 cache with the bfloat16 dot product:
@@ -279,35 +195,22 @@ mx::array norm_rope(const mx::array& x, const mx::array& weight, const mx::array
     throw std::invalid_argument("norm_rope: offsets must be int32, one or one per row");
   auto fn = [n_heads, eps, base](const std::vector<mx::array>& in, mx::array& out) {
     const int B = in[0].shape(0), L = in[0].shape(1), H = n_heads;
-    const int D = in[0].shape(2) / H, half = D / 2;
+    const int D = in[0].shape(2) / H;
     std::vector<char> x_copy, w_copy, o_copy;
     const char* x = row_major_data(in[0], x_copy);
     const char* w = row_major_data(in[1], w_copy);
     const int32_t* offsets = reinterpret_cast<const int32_t*>(row_major_data(in[2], o_copy));
-    // As mx.fast.rope's fallback: inv_freq = exp(-i * log(base) / half), in float32.
-    std::vector<float> inv_freq(half), cosines(half), sines(half), row(D);
-    const float step = float(std::log(double(base)) / half);
-    for (int i = 0; i < half; ++i) inv_freq[i] = std::exp(float(-i) * step);
+    RopeAngles angles(D, base);
+    std::vector<float> row(D);
     dispatch_float(out.dtype(), [&](auto tag) {
       using T = decltype(tag);
       for (int b = 0; b < B; ++b)
         for (int l = 0; l < L; ++l) {
-          const float position = float(l) + float(offsets[in[2].size() == 1 ? 0 : b]);
-          for (int i = 0; i < half; ++i) {
-            const float theta = position * inv_freq[i];
-            cosines[i] = round_to<T>(std::cos(theta));
-            sines[i] = round_to<T>(std::sin(theta));
-          }
-          for (int h = 0; h < H; ++h) {
-            const Storage<T>* src = elements<T>(x) + ((size_t(b) * L + l) * H + h) * D;
-            normalize_row<T>(src, elements<T>(w), D, eps, row.data());
-            Storage<T>* o = elements<T>(out) + ((size_t(b) * H + h) * L + l) * D;
-            for (int i = 0; i < half; ++i) {
-              const float x1 = row[i], x2 = row[half + i];
-              o[i] = round_and_store<T>(round_to<T>(x1 * cosines[i]) - round_to<T>(x2 * sines[i]));
-              o[half + i] = round_and_store<T>(round_to<T>(x1 * sines[i]) + round_to<T>(x2 * cosines[i]));
-            }
-          }
+          angles.at<T>(float(l) + float(offsets[in[2].size() == 1 ? 0 : b]));
+          for (int h = 0; h < H; ++h)
+            norm_rope_head<T>(elements<T>(x) + ((size_t(b) * L + l) * H + h) * D, elements<T>(w),
+                              D, eps, angles, row.data(),
+                              elements<T>(out) + ((size_t(b) * H + h) * L + l) * D);
         }
     });
   };
@@ -451,21 +354,7 @@ mx::array silu_mul(const mx::array& gate, const mx::array& up, mx::StreamOrDevic
     const char* u = row_major_data(in[1], u_copy);
     dispatch_float(out.dtype(), [&](auto tag) {
       using T = decltype(tag);
-      const Storage<T>* gt = elements<T>(g);
-      const Storage<T>* ut = elements<T>(u);
-      Storage<T>* o = elements<T>(out);
-      constexpr size_t kBlock = 256;
-      float block[kBlock];
-      for (size_t start = 0; start < n; start += kBlock) {
-        const int count = int(std::min(kBlock, n - start));
-        // nn.silu(g) * up: sigmoid, times g, times up; each rounded.
-        for (int i = 0; i < count; ++i) {
-          const float x = to_float<T>(gt[start + i]);
-          const float sigmoid = round_to<T>(1.f / (1.f + exp_f32(-x)));
-          block[i] = round_to<T>(round_to<T>(x * sigmoid) * to_float<T>(ut[start + i]));
-        }
-        for (int i = 0; i < count; ++i) o[start + i] = from_rounded<T>(block[i]);
-      }
+      silu_mul_row<T>(elements<T>(g), elements<T>(u), n, elements<T>(out));
     });
   };
   return mx::array(gate.shape(), gate.dtype(), std::make_shared<CpuOp>(stream, "SiluMul", fn),

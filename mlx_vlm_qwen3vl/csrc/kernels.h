@@ -23,6 +23,19 @@ mx::array quantized_matvec_many(const mx::array& x, const std::vector<mx::array>
                                 const std::vector<mx::array>& biases, int group_size, int bits,
                                 int threads, std::optional<mx::Dtype> dtype,
                                 mx::StreamOrDevice s);
+// out [rows, sum of their out features] (float32) = x [rows, in_features]
+// (at most 8 rows of x_dtype) times `count` quantized matrices given as
+// matrices[3i] (w), [3i + 1] (scales), [3i + 2] (biases), each column as
+// quantized_matvec computes it; on `threads` threads.
+void quantized_rows(const char* x, mx::Dtype x_dtype, int rows, int in_features,
+                    const mx::array* matrices, int count, int group_size, int bits, int threads,
+                    float* out);
+// The argument checks of the quantized products.
+void check_quantized_matrix(int in_features, const mx::array& w, const mx::array& scales,
+                            const mx::array& biases, int group_size, int bits);
+void check_quantized(const mx::array& x, const mx::array& w, const mx::array& scales,
+                     const mx::array& biases, int group_size, int bits);
+void check_threads_and_dtype(int threads, mx::Dtype dtype);
 mx::array matmul_bf16(const mx::array& x, const mx::array& w, std::optional<mx::array> bias,
                       int threads, std::optional<mx::Dtype> dtype, mx::StreamOrDevice s);
 bool has_dense_bf16();
@@ -41,6 +54,20 @@ void packed_product(const uint16_t* x, int rows, int x_stride, const uint32_t* p
 void pack_panels(const uint16_t* w, size_t w_stride, int in_features, int out_features,
                  uint32_t* packed);
 const char* kernel_name();
+
+// A quantized decoder layer's decode step in two ops (decode_layer.cpp).
+// [q [B, H, 1, hd], k [B, Hkv, 1, hd], v [B, Hkv, 1, hd]] for x [B, 1, D]:
+// projections = q, k, v as (weight, scales, biases) each.
+std::vector<mx::array> decode_qkv(const mx::array& x, const mx::array& norm_weight,
+                                  const std::vector<mx::array>& projections, const mx::array& q_norm,
+                                  const mx::array& k_norm, const mx::array& offsets, int n_heads,
+                                  float eps, float head_eps, float base, int group_size, int bits,
+                                  int threads, mx::StreamOrDevice s);
+// mlp = gate, up, down as (weight, scales, biases) each.
+mx::array decode_residual_mlp(const mx::array& attn, const mx::array& x,
+                              const std::vector<mx::array>& o_proj, const mx::array& norm_weight,
+                              float eps, const std::vector<mx::array>& mlp, int group_size,
+                              int bits, int threads, mx::StreamOrDevice s);
 
 // The decoder's small ops (decode_ops.cpp).
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s);

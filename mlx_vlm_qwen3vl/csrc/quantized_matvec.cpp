@@ -455,39 +455,53 @@ void group_sums(const float* x, int rows, int in_features, int group_size, float
     }
 }
 
-// Rows of x in blocks of up to kMaxRows times one or more quantized matrices
-// (in = x, w0, s0, b0, w1, s1, b1, ...), their outputs side by side in `out`.
+}  // namespace
+
 // Each block streams every weight once, and the parts of all the matrices
 // share one pass of the thread pool (a decode step's q/k/v and gate/up: fewer
 // ops and pool runs, no idle tail per matrix).
+void quantized_rows(const char* x, mx::Dtype x_dtype, int rows, int in_features,
+                    const mx::array* matrices, int count, int group_size, int bits, int threads,
+                    float* out) {
+  if (rows > kMaxRows) throw std::invalid_argument("quantized_rows: at most 8 rows");
+  const int groups = in_features / group_size;
+  int total = 0;
+  for (int i = 0; i < count; ++i) total += matrices[3 * i].shape(0);
+  std::vector<float> xf(size_t(rows) * in_features), sums(size_t(rows) * groups);
+  load_floats(x, x_dtype, 0, size_t(rows) * in_features, xf.data());
+  group_sums(xf.data(), rows, in_features, group_size, sums.data());
+  std::vector<Problem> parts;
+  int column = 0;
+  for (int i = 0; i < count; ++i) {
+    const mx::array &w = matrices[3 * i], &s = matrices[3 * i + 1], &b = matrices[3 * i + 2];
+    Problem p{rows, in_features, w.shape(0), group_size, bits, /*first_row=*/0,
+              w.data<uint8_t>(), size_t(w.strides(0)) * w.itemsize(), &s, &b, xf.data(),
+              x_dtype == mx::bfloat16 ? reinterpret_cast<const uint16_t*>(x) : nullptr,
+              sums.data(), out + column, total};
+    add_parts(p, threads, parts);
+    column += w.shape(0);
+  }
+  run_parts(int(parts.size()), threads, [&](int i) { matvec_part(parts[i]); });
+}
+
+namespace {
+
+// Rows of x in blocks of up to kMaxRows times one or more quantized matrices
+// (in = x, w0, s0, b0, w1, s1, b1, ...), their outputs side by side in `out`.
 void row_blocks(const std::vector<mx::array>& in, const char* x_data, mx::array& out,
                 int group_size, int bits, int threads) {
   const mx::array& x = in[0];
   const int in_features = x.shape(-1);
   const int rows = x.size() / in_features;
-  const int groups = in_features / group_size;
   const int total = out.shape(-1);
-  const int max_block = std::min(kMaxRows, rows);
-  std::vector<float> xf(size_t(max_block) * in_features), sums(size_t(max_block) * groups);
-  std::vector<float> out_f32(out.dtype() == mx::float32 ? 0 : size_t(max_block) * total);
+  const int count = int(in.size() - 1) / 3;
+  std::vector<float> out_f32(out.dtype() == mx::float32 ? 0 : size_t(std::min(kMaxRows, rows)) * total);
   for (int first = 0; first < rows; first += kMaxRows) {
     const int block = std::min(kMaxRows, rows - first);
     const char* x_block = x_data + size_t(first) * in_features * x.itemsize();
-    load_floats(x_block, x.dtype(), 0, size_t(block) * in_features, xf.data());
-    group_sums(xf.data(), block, in_features, group_size, sums.data());
     float* results = out_f32.empty() ? out.data<float>() + size_t(first) * total : out_f32.data();
-    std::vector<Problem> parts;
-    int column = 0;
-    for (size_t i = 1; i + 2 < in.size(); i += 3) {
-      const mx::array &w = in[i], &s = in[i + 1], &b = in[i + 2];
-      Problem p{block, in_features, w.shape(0), group_size, bits, /*first_row=*/0,
-                w.data<uint8_t>(), size_t(w.strides(0)) * w.itemsize(), &s, &b, xf.data(),
-                x.dtype() == mx::bfloat16 ? reinterpret_cast<const uint16_t*>(x_block) : nullptr,
-                sums.data(), results + column, total};
-      add_parts(p, threads, parts);
-      column += w.shape(0);
-    }
-    run_parts(int(parts.size()), threads, [&](int i) { matvec_part(parts[i]); });
+    quantized_rows(x_block, x.dtype(), block, in_features, &in[1], count, group_size, bits,
+                   threads, results);
     if (!out_f32.empty())
       store_as(results, size_t(block) * total, out, size_t(first) * total);
   }
@@ -526,6 +540,8 @@ void quantized_matvec_rows(const std::vector<mx::array>& in, mx::array& out, int
   row_blocks(in, x_data, out, group_size, bits, threads);
 }
 
+}  // namespace
+
 void check_rows_contiguous(const std::vector<mx::array>& inputs) {
   for (size_t i = 1; i < inputs.size(); ++i)
     if (inputs[i].strides(-1) != 1)
@@ -534,21 +550,29 @@ void check_rows_contiguous(const std::vector<mx::array>& inputs) {
 }
 
 // The checks every quantized product makes of its arguments.
-void check_quantized(const mx::array& x, const mx::array& w, const mx::array& scales,
-                     const mx::array& biases, int group_size, int bits) {
-  for (auto* a : {&x, &scales, &biases})
+void check_quantized_matrix(int in_features, const mx::array& w, const mx::array& scales,
+                            const mx::array& biases, int group_size, int bits) {
+  for (auto* a : {&scales, &biases})
     if (a->dtype() != mx::float32 && a->dtype() != mx::float16 && a->dtype() != mx::bfloat16)
-      throw std::invalid_argument("quantized_matvec: x, scales and biases must be floating point");
+      throw std::invalid_argument("quantized_matvec: scales and biases must be floating point");
   if (bits != 4 && bits != 8)
     throw std::invalid_argument("quantized_matvec: bits must be 4 or 8");
-  if (x.ndim() < 1 || w.ndim() != 2 || scales.ndim() != 2 || biases.shape() != scales.shape())
+  if (w.ndim() != 2 || scales.ndim() != 2 || biases.shape() != scales.shape())
     throw std::invalid_argument("quantized_matvec: expected x [..., K], w [N, K*bits/32], "
                                 "scales and biases [N, K/group_size]");
-  const int in_features = x.shape(-1);
   if (w.dtype() != mx::uint32 || w.shape(1) * 32 / bits != in_features ||
       group_size <= 0 || in_features % group_size != 0 ||
       scales.shape(0) != w.shape(0) || scales.shape(1) != in_features / group_size)
     throw std::invalid_argument("quantized_matvec: shapes of x, w, scales, biases disagree");
+}
+
+void check_quantized(const mx::array& x, const mx::array& w, const mx::array& scales,
+                     const mx::array& biases, int group_size, int bits) {
+  if (x.dtype() != mx::float32 && x.dtype() != mx::float16 && x.dtype() != mx::bfloat16)
+    throw std::invalid_argument("quantized_matvec: x must be floating point");
+  if (x.ndim() < 1)
+    throw std::invalid_argument("quantized_matvec: expected x [..., K]");
+  check_quantized_matrix(x.shape(-1), w, scales, biases, group_size, bits);
 }
 
 void check_threads_and_dtype(int threads, mx::Dtype dtype) {
@@ -558,7 +582,6 @@ void check_threads_and_dtype(int threads, mx::Dtype dtype) {
     throw std::invalid_argument("quantized_matvec: dtype must be float32, float16 or bfloat16");
 }
 
-}  // namespace
 
 mx::array quantized_matvec(const mx::array& x, const mx::array& w, const mx::array& scales,
                            const mx::array& biases, int group_size, int bits, int threads,

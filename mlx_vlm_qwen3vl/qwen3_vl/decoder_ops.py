@@ -95,11 +95,15 @@ def norm_rope(x: mx.array, norm: nn.RMSNorm, rope, positions, n_heads: int) -> m
         B, L, _ = x.shape
         heads = norm(x.reshape(B, L, n_heads, -1)).transpose(0, 2, 1, 3)
         return rope.apply(heads, positions)
-    if isinstance(positions, mx.array):  # one offset or one per row, any shape
-        offsets = positions if positions.dtype == mx.int32 else positions.astype(mx.int32)
-    else:
-        offsets = mx.array([positions], dtype=mx.int32)
-    return kernel.norm_rope(x, norm.weight, offsets, n_heads, norm.eps, rope.base)
+    return kernel.norm_rope(x, norm.weight, rope_offsets(positions), n_heads, norm.eps, rope.base)
+
+
+def rope_offsets(positions) -> mx.array:
+    """The native rope's int32 offsets from an offset or an array of them (one
+    per row, any shape)."""
+    if isinstance(positions, mx.array):
+        return positions if positions.dtype == mx.int32 else positions.astype(mx.int32)
+    return mx.array([positions], dtype=mx.int32)
 
 
 def attention(q, k, v, cache, scale: float, mask) -> mx.array:

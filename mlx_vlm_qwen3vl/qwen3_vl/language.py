@@ -27,6 +27,7 @@ from mlx_vlm.models.cache import create_causal_mask
 
 from . import huge_pages
 from .config import ModelConfig, TextConfig
+from .decode_layer import decode_layer
 from .decoder_ops import RMSNorm, attention, norm_rope, silu_mul
 from .layers import Embedding, Linear, products
 from .rope import InterleavedMRoPE, plain_offset, rope_index
@@ -86,6 +87,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x, mask=None, cache=None, positions=None) -> mx.array:
+        fused = decode_layer(self, x, mask, cache, positions)
+        if fused is not None:
+            return fused
         h = x + self.self_attn(self.input_layernorm(x), mask, cache, positions)
         return h + self.mlp(self.post_attention_layernorm(h))
 

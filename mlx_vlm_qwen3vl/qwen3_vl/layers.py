@@ -178,7 +178,7 @@ def products(modules, x: mx.array) -> list:
     most QUANTIZED_KERNEL_MAX_ROWS rows (a decode step's q/k/v and gate/up:
     fewer ops and one pass of the thread pool instead of three or two). The
     outputs are the same numbers, as views of one array."""
-    kernel = _one_op_kernel(modules, x)
+    kernel = one_op_kernel(modules, x)
     if kernel is None:
         return [m(x) for m in modules]
     first = modules[0]
@@ -195,7 +195,9 @@ def products(modules, x: mx.array) -> list:
     return outputs
 
 
-def _one_op_kernel(modules, x: mx.array):
+def one_op_kernel(modules, x: mx.array):
+    """The native kernel when it can take these quantized layers' products
+    of x in one op (see products), else None."""
     if _rows(x) > QUANTIZED_KERNEL_MAX_ROWS:
         return None
     first = modules[0]
