@@ -110,6 +110,9 @@ struct Problem {
   const float* x_group_sums;  // [rows, groups]
   float* out;               // [rows, out_stride]: this part's first column
   int out_stride;
+  // x_bf16 in the order the row kernel reads it (arrange_for_4bit at 4 bits),
+  // arranged once for all parts.
+  const uint16_t* x_rows = nullptr;
   int groups() const { return in_features / group_size; }
 };
 
@@ -218,7 +221,8 @@ void matvec_avx512_bf16(const Problem& p, const uint16_t* x) {
   const T* biases_base = p.biases->data<T>();
   const __m512i table = nibble_table();
   // A row's scales as float32 up front: one broadcast from memory per group.
-  std::vector<float> scales((groups + 15) / 16 * 16);
+  thread_local std::vector<float> scales;
+  scales.resize((groups + 15) / 16 * 16);
   for (int n = 0; n < out_features; ++n) {
     const size_t row = size_t(p.first_row) + n;
     const uint8_t* w = p.weight + row * p.weight_row_stride;
@@ -275,12 +279,7 @@ std::vector<uint16_t> arrange_for_4bit(const uint16_t* x, size_t count) {
 
 template <int BITS, typename T>
 void dispatch_rows(const Problem& p) {
-  std::vector<uint16_t> arranged;
-  const uint16_t* x = p.x_bf16;
-  if (BITS == 4) {
-    arranged = arrange_for_4bit(p.x_bf16, size_t(p.rows) * p.in_features);
-    x = arranged.data();
-  }
+  const uint16_t* x = p.x_rows;
   switch (p.rows) {
     case 1: return matvec_avx512_bf16<BITS, 1, T>(p, x);
     case 2: return matvec_avx512_bf16<BITS, 2, T>(p, x);
@@ -311,7 +310,7 @@ void dispatch_bits_and_scales(const Problem& p) {
 
 void matvec_part(const Problem& p) {
 #ifdef QMV_AVX512_BF16
-  const bool fast = p.x_bf16 && p.group_size % (p.bits == 4 ? 64 : 32) == 0 &&
+  const bool fast = p.x_rows && p.group_size % (p.bits == 4 ? 64 : 32) == 0 &&
                     p.scales->dtype() == p.biases->dtype();
   if (fast) return dispatch_bits_and_scales(p);
 #endif
@@ -470,14 +469,22 @@ void quantized_rows(const char* x, mx::Dtype x_dtype, int rows, int in_features,
   std::vector<float> xf(size_t(rows) * in_features), sums(size_t(rows) * groups);
   load_floats(x, x_dtype, 0, size_t(rows) * in_features, xf.data());
   group_sums(xf.data(), rows, in_features, group_size, sums.data());
+  const uint16_t* x_bf16 = x_dtype == mx::bfloat16 ? reinterpret_cast<const uint16_t*>(x) : nullptr;
+  const uint16_t* x_rows = x_bf16;
+#ifdef QMV_AVX512_BF16
+  std::vector<uint16_t> arranged;
+  if (x_bf16 && bits == 4 && in_features % 64 == 0) {
+    arranged = arrange_for_4bit(x_bf16, size_t(rows) * in_features);
+    x_rows = arranged.data();
+  }
+#endif
   std::vector<Problem> parts;
   int column = 0;
   for (int i = 0; i < count; ++i) {
     const mx::array &w = matrices[3 * i], &s = matrices[3 * i + 1], &b = matrices[3 * i + 2];
     Problem p{rows, in_features, w.shape(0), group_size, bits, /*first_row=*/0,
               w.data<uint8_t>(), size_t(w.strides(0)) * w.itemsize(), &s, &b, xf.data(),
-              x_dtype == mx::bfloat16 ? reinterpret_cast<const uint16_t*>(x) : nullptr,
-              sums.data(), out + column, total};
+              x_bf16, sums.data(), out + column, total, x_rows};
     add_parts(p, threads, parts);
     column += w.shape(0);
   }
