@@ -1,21 +1,24 @@
 """A quantized decoder layer's decode step in two native ops (qwen3_vl/decode_layer.py,
 csrc/decode_layer.cpp): the same bits as the separate ops it replaces, op by op and
-through the model (one row and a left-padded batch), and where it does not apply."""
+through the model (one row, a left-padded batch, mlx-vlm's BatchGenerator), and where
+it does not apply."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from mlx_vlm.convert import convert
+from mlx_vlm.generate.ar import BatchGenerator
 from mlx_vlm.models.cache import make_prompt_cache
-from mlx_vlm.utils import load_model
+from mlx_vlm.utils import StoppingCriteria, load_model
 from mlx_vlm_qwen3vl import cpu_kernel
 from mlx_vlm_qwen3vl.builder import build_checkpoint
 from mlx_vlm_qwen3vl.qwen3_vl import decode_layer, language
 
-from helpers import single_run, use_accelerator_ops
+from helpers import drain, prompt_kwargs, single_run, use_accelerator_ops
 
 STEPS = 6
 PROMPT = [9707, 11, 1879, 0, 358, 1079, 264, 1273, 10135, 13, 3555, 374]
@@ -101,6 +104,36 @@ def test_left_padded_batch_decode_is_the_separate_ops_bits(quantized, monkeypatc
         np.testing.assert_array_equal(got, want)
     tokens = np.array([step.argmax(-1) for step in fused])
     assert len({tuple(column) for column in tokens.T}) == len(rows)
+
+
+def _batch_generator_tokens(model, rows, max_tokens):
+    """Greedy tokens of mlx-vlm's BatchGenerator (the server's path: a batch KV
+    cache, per-row offsets and padding), the prompts prefilled one at a time,
+    each joining the running batch."""
+    tokenizer = SimpleNamespace(stopping_criteria=StoppingCriteria([151643], None))
+    generator = BatchGenerator(model.language_model, SimpleNamespace(tokenizer=tokenizer),
+                               compute_logprobs=False, prefill_batch_size=1, completion_batch_size=3)
+    kwargs = []
+    for ids in rows:
+        ids = mx.array([ids])
+        kwargs.append(prompt_kwargs(model.get_input_embeddings(ids, None, mask=mx.ones_like(ids))))
+    uids = generator.insert(rows, [max_tokens] * len(rows), prompt_kwargs=kwargs)
+    return drain(generator, uids)
+
+
+def test_batch_generator_decode_is_the_separate_ops_tokens(quantized, monkeypatch):
+    model = load_model(Path(quantized["bfloat16-4bit"]))
+    rows = [PROMPT, PROMPT[2:7], PROMPT[:9]]
+    with monkeypatch.context() as m:
+        calls = []
+        original = decode_layer.decode_layer
+        m.setattr(language, "decode_layer",
+                  lambda layer, x, *args: calls.append(x.shape[0]) or original(layer, x, *args))
+        fused = _batch_generator_tokens(model, rows, 10)
+    assert max(calls) == len(rows), "the batch never decoded all rows together"
+    _separate_ops(monkeypatch)
+    assert fused == _batch_generator_tokens(model, rows, 10)
+    assert len({tuple(tokens) for tokens in fused}) == len(rows)
 
 
 def test_not_taken_for_dense_weights_or_off_the_cpu(quantized, tiny_checkpoint, monkeypatch):
