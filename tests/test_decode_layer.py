@@ -1,5 +1,6 @@
-"""A quantized decoder layer's decode step in two native ops (qwen3_vl/decode_layer.py,
-csrc/decode_layer.cpp): the same bits as the separate ops it replaces, op by op and
+"""A decoder layer's decode step in two native ops (qwen3_vl/decode_layer.py,
+csrc/decode_layer.cpp), quantized or dense bfloat16: the same bits as the separate ops it
+replaces, op by op and
 through the model (one row, a left-padded batch, mlx-vlm's BatchGenerator), and where
 it does not apply."""
 
@@ -31,8 +32,9 @@ def kernel():
 
 @pytest.fixture(scope="module")
 def quantized(tiny_checkpoint, tmp_path_factory):
-    """The tiny checkpoint in float32 at 4 and 8 bits, and a bfloat16 one at 4
-    bits (its products take the AVX-512 BF16 path where there is one)."""
+    """The tiny checkpoint in float32 at 4 and 8 bits, and a bfloat16 one
+    as built and at 4 bits (their products take the AVX-512 BF16 paths where
+    there are)."""
     root = tmp_path_factory.mktemp("decode_layer")
     bf16 = build_checkpoint(root / "bf16", shape="tiny", dtype="bfloat16", seed=5)
     paths = {}
@@ -40,7 +42,13 @@ def quantized(tiny_checkpoint, tmp_path_factory):
                                ("bfloat16-4bit", bf16, 4)):
         paths[name] = root / name
         convert(str(source), mlx_path=str(paths[name]), quantize=True, q_bits=bits, q_group_size=64)
+    paths["bfloat16-dense"] = bf16
     return paths
+
+
+def _taken(name) -> bool:
+    """Dense weights take the two-op step only on a CPU with AVX-512 BF16."""
+    return name != "bfloat16-dense" or cpu_kernel.load().has_dense_bf16()
 
 
 def _counting(monkeypatch) -> list:
@@ -60,7 +68,7 @@ def _separate_ops(monkeypatch):
     monkeypatch.setattr(language, "decode_layer", lambda *args: None)
 
 
-@pytest.mark.parametrize("name", ["float32-4bit", "float32-8bit", "bfloat16-4bit"])
+@pytest.mark.parametrize("name", ["float32-4bit", "float32-8bit", "bfloat16-4bit", "bfloat16-dense"])
 def test_decode_steps_are_the_separate_ops_bits(quantized, name, monkeypatch):
     model = load_model(Path(quantized[name]))
     layers = len(model.language_model.layers)
@@ -68,7 +76,7 @@ def test_decode_steps_are_the_separate_ops_bits(quantized, name, monkeypatch):
         calls = _counting(m)
         fused, fused_tokens = single_run(model, PROMPT, {}, STEPS)
     # The prompt's layers run op by op (many rows); every decode step's layers in two ops.
-    assert calls == [False] * layers + [True] * layers * STEPS
+    assert calls == [False] * layers + [_taken(name)] * layers * STEPS
     _separate_ops(monkeypatch)
     separate, separate_tokens = single_run(model, PROMPT, {}, STEPS)
     assert fused_tokens == separate_tokens and len(set(fused_tokens)) > 1
@@ -90,14 +98,15 @@ def _padded_batch_run(model, rows, steps):
     return out
 
 
-def test_left_padded_batch_decode_is_the_separate_ops_bits(quantized, monkeypatch):
+@pytest.mark.parametrize("name", ["bfloat16-4bit", "bfloat16-dense"])
+def test_left_padded_batch_decode_is_the_separate_ops_bits(quantized, name, monkeypatch):
     """Rows at different positions (per-row rope offsets, the padding mask)."""
-    model = load_model(Path(quantized["bfloat16-4bit"]))
+    model = load_model(Path(quantized[name]))
     rows = [PROMPT, PROMPT[3:9], PROMPT[:10]]
     with monkeypatch.context() as m:
         calls = _counting(m)
         fused = _padded_batch_run(model, rows, STEPS)
-    assert calls.count(True) == len(model.language_model.layers) * STEPS
+    assert calls.count(True) == len(model.language_model.layers) * STEPS * _taken(name)
     _separate_ops(monkeypatch)
     separate = _padded_batch_run(model, rows, STEPS)
     for got, want in zip(fused, separate):
@@ -136,7 +145,7 @@ def test_batch_generator_decode_is_the_separate_ops_tokens(quantized, monkeypatc
     assert len({tuple(tokens) for tokens in fused}) == len(rows)
 
 
-def test_not_taken_for_dense_weights_or_off_the_cpu(quantized, tiny_checkpoint, monkeypatch):
+def test_not_taken_for_float32_dense_weights_or_off_the_cpu(quantized, tiny_checkpoint, monkeypatch):
     dense = load_model(Path(tiny_checkpoint))
     with monkeypatch.context() as m:
         calls = _counting(m)
@@ -204,6 +213,40 @@ def test_decode_residual_mlp_is_products_adds_norm_and_gate(kernel, dtype, bits)
     np.testing.assert_array_equal(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)))
 
 
+def _dense(rng, out_features, in_features):
+    return [_vector(rng, (out_features, in_features), mx.bfloat16, 0.05)]
+
+
+def test_decode_ops_with_dense_bfloat16_weights_are_the_separate_ops(kernel):
+    rng = np.random.default_rng(7)
+    rows, D, H, Hkv, hd, inner = 2, 256, 4, 2, 64, 320
+    dtype = mx.bfloat16
+    x = _vector(rng, (rows, 1, D), dtype)
+    norm, q_norm, k_norm = (_vector(rng, (n,), dtype, 0.3) + 1 for n in (D, hd, hd))
+    q, k, v = (_dense(rng, n, D) for n in (H * hd, Hkv * hd, Hkv * hd))
+    o, gate, up, down = _dense(rng, D, H * hd), _dense(rng, inner, D), _dense(rng, inner, D), _dense(rng, D, inner)
+    offsets = mx.array([3, 9], dtype=mx.int32)
+    if not kernel.has_dense_bf16():
+        with pytest.raises(ValueError, match="AVX-512 BF16 build"):
+            kernel.decode_qkv(x, norm, q + k + v, q_norm, k_norm, offsets, H, 1e-6, 1e-6, 1e4, 0, 0)
+        return
+    got_q, got_k, got_v = kernel.decode_qkv(x, norm, q + k + v, q_norm, k_norm, offsets, H,
+                                            1e-6, 1e-6, 1e4, 0, 0, threads=2)
+    product = lambda a, w: kernel.matmul_bf16(a, w[0], threads=2)  # noqa: E731
+    normed = kernel.rms_norm(x, norm, 1e-6)
+    want = [kernel.norm_rope(product(normed, q), q_norm, offsets, H, 1e-6, 1e4),
+            kernel.norm_rope(product(normed, k), k_norm, offsets, Hkv, 1e-6, 1e4),
+            product(normed, v).reshape(rows, 1, Hkv, hd).transpose(0, 2, 1, 3)]
+    for a, b in zip((got_q, got_k, got_v), want):
+        np.testing.assert_array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)))
+    a = got_q.transpose(0, 2, 1, 3).reshape(rows, 1, H * hd)
+    got = kernel.decode_residual_mlp(a, x, o, norm, 1e-6, gate + up + down, 0, 0, threads=2)
+    h = x + product(a, o)
+    m = kernel.rms_norm(h, norm, 1e-6)
+    want = h + product(kernel.silu_mul(product(m, gate), product(m, up)), down)
+    np.testing.assert_array_equal(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)))
+
+
 def test_decode_ops_reject_what_they_do_not_take(kernel):
     rng = np.random.default_rng(0)
     dtype, D = mx.float32, 128
@@ -224,3 +267,6 @@ def test_decode_ops_reject_what_they_do_not_take(kernel):
     o = _quantized(rng, D, 64, dtype, 4)
     with pytest.raises(ValueError, match="attn must be"):
         kernel.decode_residual_mlp(mx.ones((1, 2, 64)), mx.ones((1, 1, D)), o, norm, 1e-6, qkv, 64, 4)
+    with pytest.raises(ValueError, match="bfloat16 x"):  # dense weights (bits 0) with float32 x
+        kernel.decode_qkv(mx.ones((1, 1, D)), norm, [mx.ones((64, D))] * 3, heads, heads, offsets, 2,
+                          1e-6, 1e-6, 1e4, 0, 0)

@@ -1,17 +1,18 @@
-// A quantized decoder layer's decode step (one new token per row) in two ops
-// around the KV cache update and the attention:
+// A decoder layer's decode step (one new token per row) in two ops around the
+// KV cache update and the attention, for 4/8-bit quantized or dense bfloat16
+// projections:
 //
 //   decode_qkv:          n = RMSNorm(x); q, k, v = n W_q, n W_k, n W_v;
 //                        q and k each get their per-head RMSNorm and rotary positions
 //   decode_residual_mlp: h = x + attn W_o;  h + (silu(m W_gate) * (m W_up)) W_down, m = RMSNorm(h)
 //
-// Separately these are 19 MLX ops per layer (norms, products, slices of the
+// Separately these are 19 MLX ops per quantized layer (norms, products, slices of the
 // products' joint output, reshapes, adds, the SwiGLU gate), ~500 of a 28-layer
 // decode step: each op costs a few microseconds to build in Python and to
 // dispatch, and between them one core idles while the other runs the small
 // ops. Every intermediate is rounded to x's dtype where the separate ops round
-// (the helpers of rounding.h and the same product code), so the results are
-// the same bits.
+// (the helpers of rounding.h and the same product code: quantized_rows,
+// dense), so the results are the same bits.
 
 #include "common.h"
 #include "kernels.h"
@@ -34,41 +35,74 @@ void check_norm(const mx::array& weight, const mx::array& x, int size, const cha
                                 std::to_string(size) + "] of x's dtype");
 }
 
-// Checks each (w, scales, biases) of `matrices` against an input of `in_features` and
-// appends them to `inputs`; returns the sum of their output features.
+// How the projections come: affine-quantized (weight, scales, biases each), or
+// with bits 0 dense bfloat16 weights (one array each; AVX-512 BF16 builds).
+struct Weights {
+  int group_size, bits;
+  bool dense() const { return bits == 0; }
+  int arrays() const { return dense() ? 1 : 3; }  // per matrix
+};
+
+// Checks `count` matrices against an input of `in_features` and appends them
+// to `inputs`; returns the sum of their output features.
 int add_matrices(const std::vector<mx::array>& matrices, int count, int in_features,
-                 int group_size, int bits, const char* op, std::vector<mx::array>& inputs) {
-  if (int(matrices.size()) != 3 * count)
+                 Weights weights, mx::Dtype x_dtype, const char* op,
+                 std::vector<mx::array>& inputs) {
+  const int per = weights.arrays();
+  if (int(matrices.size()) != per * count)
     throw std::invalid_argument(std::string(op) + ": expected " + std::to_string(count) +
-                                " matrices as (weight, scales, biases) each");
+                                (weights.dense() ? " dense weights" : " matrices as (weight, scales, biases) each"));
+  if (weights.dense() && (!has_dense_bf16() || x_dtype != mx::bfloat16))
+    throw std::invalid_argument(std::string(op) + ": dense weights (bits 0) need bfloat16 x and "
+                                "an AVX-512 BF16 build");
   int total = 0;
   for (int i = 0; i < count; ++i) {
-    check_quantized_matrix(in_features, matrices[3 * i], matrices[3 * i + 1], matrices[3 * i + 2],
-                           group_size, bits);
-    total += matrices[3 * i].shape(0);
+    const mx::array& w = matrices[per * i];
+    if (weights.dense() && (w.dtype() != mx::bfloat16 || w.ndim() != 2 || w.shape(1) != in_features))
+      throw std::invalid_argument(std::string(op) + ": a dense weight is not bfloat16 [N, " +
+                                  std::to_string(in_features) + "]");
+    if (!weights.dense())
+      check_quantized_matrix(in_features, w, matrices[per * i + 1], matrices[per * i + 2],
+                             weights.group_size, weights.bits);
+    total += w.shape(0);
   }
   inputs.insert(inputs.end(), matrices.begin(), matrices.end());
   return total;
 }
 
 // The matrices' rows must be contiguous (they are checked where MLX evaluates the op).
-CpuOp::Check rows_contiguous(std::vector<int> first_matrices) {
-  return [first_matrices](const std::vector<mx::array>& in) {
-    for (int first : first_matrices)
-      for (int i = first; i < first + 3; ++i)
-        if (in[i].strides(-1) != 1)
-          throw std::invalid_argument("decode layer: the rows of weights, scales and biases must be contiguous");
+CpuOp::Check rows_contiguous(int first, int last) {
+  return [first, last](const std::vector<mx::array>& in) {
+    for (int i = first; i < last; ++i)
+      if (in[i].strides(-1) != 1)
+        throw std::invalid_argument("decode layer: the rows of weights, scales and biases must be contiguous");
   };
 }
 
-// quantized_rows, its float32 results rounded to T as the product ops store them.
+// x [rows, in_features] times `count` matrices, their outputs side by side
+// [rows, total] and rounded to T as the separate product ops store them.
 template <typename T>
 std::vector<Storage<T>> rounded_products(const Storage<T>* x, int rows, int in_features,
                                          const mx::array* matrices, int count, int total,
-                                         mx::Dtype dtype, int group_size, int bits, int threads) {
+                                         mx::Dtype dtype, Weights weights, int threads) {
   std::vector<float> products(size_t(rows) * total);
-  quantized_rows(reinterpret_cast<const char*>(x), dtype, rows, in_features, matrices, count,
-                 group_size, bits, threads, products.data());
+  if (!weights.dense()) {
+    quantized_rows(reinterpret_cast<const char*>(x), dtype, rows, in_features, matrices, count,
+                   weights.group_size, weights.bits, threads, products.data());
+  } else {
+#ifdef QMV_AVX512_BF16
+    std::vector<float> part;
+    for (int i = 0, column = 0; i < count; column += matrices[i].shape(0), ++i) {
+      const mx::array& w = matrices[i];
+      const int n = w.shape(0);
+      part.resize(size_t(rows) * n);
+      dense(reinterpret_cast<const uint16_t*>(x), rows, w.data<uint16_t>(), size_t(w.strides(0)),
+            in_features, n, nullptr, part.data(), threads);
+      for (int r = 0; r < rows; ++r)
+        std::copy_n(part.data() + size_t(r) * n, n, products.data() + size_t(r) * total + column);
+    }
+#endif
+  }
   std::vector<Storage<T>> out(products.size());
   for (size_t i = 0; i < out.size(); ++i) out[i] = round_and_store<T>(products[i]);
   return out;
@@ -94,15 +128,17 @@ std::vector<mx::array> decode_qkv(const mx::array& x, const mx::array& norm_weig
                                   float eps, float head_eps, float base, int group_size, int bits,
                                   int threads, mx::StreamOrDevice s) {
   constexpr const char* op = "decode_qkv";
+  const Weights weights{group_size, bits};
+  const int per = weights.arrays();
   auto stream = cpu_stream(s, op);
   check_decode_input(x, op);
   check_threads_and_dtype(threads, x.dtype());
   const int B = x.shape(0), D = x.shape(2);
   check_norm(norm_weight, x, D, op);
   std::vector<mx::array> inputs = {x, norm_weight};
-  add_matrices(projections, 3, D, group_size, bits, op, inputs);
+  add_matrices(projections, 3, D, weights, x.dtype(), op, inputs);
   const int head_dim = q_norm.ndim() == 1 ? q_norm.shape(0) : 0;
-  const int nq = projections[0].shape(0), nk = projections[3].shape(0), nv = projections[6].shape(0);
+  const int nq = projections[0].shape(0), nk = projections[per].shape(0), nv = projections[2 * per].shape(0);
   if (n_heads <= 0 || head_dim <= 0 || head_dim % 2 || nq != n_heads * head_dim ||
       nk % head_dim || nv != nk)
     throw std::invalid_argument(
@@ -118,20 +154,22 @@ std::vector<mx::array> decode_qkv(const mx::array& x, const mx::array& norm_weig
     std::vector<char> x_copy, n_copy, qn_copy, kn_copy, o_copy;
     const char* x_data = row_major_data(in[0], x_copy);
     const char* norm = row_major_data(in[1], n_copy);
-    const char* qn = row_major_data(in[11], qn_copy);
-    const char* kn = row_major_data(in[12], kn_copy);
-    const int32_t* offset = reinterpret_cast<const int32_t*>(row_major_data(in[13], o_copy));
+    const int norms = 2 + 3 * per;  // q_norm, k_norm, offsets follow the matrices
+    const char* qn = row_major_data(in[norms], qn_copy);
+    const char* kn = row_major_data(in[norms + 1], kn_copy);
+    const mx::array& offsets = in[norms + 2];
+    const int32_t* offset = reinterpret_cast<const int32_t*>(row_major_data(offsets, o_copy));
     const int total = nq + nk + nv;
     dispatch_float(in[0].dtype(), [&](auto tag) {
       using T = decltype(tag);
       const auto normed = normalized_rows<T>(elements<T>(x_data), elements<T>(norm), B, D, eps);
       const auto qkv = rounded_products<T>(normed.data(), B, D, &in[2], 3, total, in[0].dtype(),
-                                           group_size, bits, threads);
+                                           weights, threads);
       RopeAngles angles(head_dim, base);
       std::vector<float> row(head_dim);
       for (int b = 0; b < B; ++b) {
         const Storage<T>* projected = qkv.data() + size_t(b) * total;
-        angles.at<T>(float(offset[in[13].size() == 1 ? 0 : b]));
+        angles.at<T>(float(offset[offsets.size() == 1 ? 0 : b]));
         for (int h = 0; h < n_heads; ++h)
           norm_rope_head<T>(projected + h * head_dim, elements<T>(qn), head_dim, head_eps, angles,
                             row.data(), elements<T>(out[0]) + (size_t(b) * n_heads + h) * head_dim);
@@ -146,7 +184,7 @@ std::vector<mx::array> decode_qkv(const mx::array& x, const mx::array& norm_weig
   return mx::array::make_arrays(
       {{B, n_heads, 1, head_dim}, {B, n_kv_heads, 1, head_dim}, {B, n_kv_heads, 1, head_dim}},
       {x.dtype(), x.dtype(), x.dtype()},
-      std::make_shared<CpuMultiOp>(stream, "DecodeQKV", fn, rows_contiguous({2, 5, 8})), inputs);
+      std::make_shared<CpuMultiOp>(stream, "DecodeQKV", fn, rows_contiguous(2, 2 + 3 * per)), inputs);
 }
 
 mx::array decode_residual_mlp(const mx::array& attn, const mx::array& x,
@@ -154,6 +192,8 @@ mx::array decode_residual_mlp(const mx::array& attn, const mx::array& x,
                               float eps, const std::vector<mx::array>& mlp, int group_size,
                               int bits, int threads, mx::StreamOrDevice s) {
   constexpr const char* op = "decode_residual_mlp";
+  const Weights weights{group_size, bits};
+  const int per = weights.arrays();
   auto stream = cpu_stream(s, op);
   check_decode_input(x, op);
   check_threads_and_dtype(threads, x.dtype());
@@ -162,46 +202,49 @@ mx::array decode_residual_mlp(const mx::array& attn, const mx::array& x,
     throw std::invalid_argument("decode_residual_mlp: attn must be [B, 1, A] of x's dtype");
   const int A = attn.shape(2);
   std::vector<mx::array> inputs = {attn, x};
-  if (add_matrices(o_proj, 1, A, group_size, bits, op, inputs) != D)
+  if (add_matrices(o_proj, 1, A, weights, x.dtype(), op, inputs) != D)
     throw std::invalid_argument("decode_residual_mlp: o_proj must give x's width");
   check_norm(norm_weight, x, D, op);
   inputs.push_back(norm_weight);
-  std::vector<mx::array> gate_up(mlp.begin(), mlp.begin() + std::min<size_t>(6, mlp.size()));
+  std::vector<mx::array> gate_up(mlp.begin(), mlp.begin() + std::min<size_t>(2 * per, mlp.size()));
   std::vector<mx::array> down(mlp.begin() + gate_up.size(), mlp.end());
-  const int both = add_matrices(gate_up, 2, D, group_size, bits, op, inputs);
+  const int both = add_matrices(gate_up, 2, D, weights, x.dtype(), op, inputs);
   const int I = gate_up[0].shape(0);
-  if (both != 2 * I || add_matrices(down, 1, I, group_size, bits, op, inputs) != D)
-    throw std::invalid_argument(
-        "decode_residual_mlp: expected gate and up [I, D] and down [D, I] (quantized)");
+  if (both != 2 * I || add_matrices(down, 1, I, weights, x.dtype(), op, inputs) != D)
+    throw std::invalid_argument("decode_residual_mlp: expected gate and up [I, D] and down [D, I]");
 
   auto fn = [=](const std::vector<mx::array>& in, mx::array& out) {
     std::vector<char> a_copy, x_copy, n_copy;
     const char* attn_data = row_major_data(in[0], a_copy);
     const char* x_data = row_major_data(in[1], x_copy);
-    const char* norm = row_major_data(in[5], n_copy);
+    const char* norm = row_major_data(in[2 + per], n_copy);
     const mx::Dtype dtype = in[0].dtype();
     dispatch_float(dtype, [&](auto tag) {
       using T = decltype(tag);
-      const auto o = rounded_products<T>(elements<T>(attn_data), B, A,
-                                         &in[2], 1, D, dtype, group_size, bits, threads);
+      const auto o = rounded_products<T>(elements<T>(attn_data), B, A, &in[2], 1, D, dtype,
+                                         weights, threads);
       const Storage<T>* residual = elements<T>(x_data);
       std::vector<Storage<T>> h(size_t(B) * D);
       for (size_t i = 0; i < h.size(); ++i)
         h[i] = round_and_store<T>(to_float<T>(residual[i]) + to_float<T>(o[i]));
       const auto m = normalized_rows<T>(h.data(), elements<T>(norm), B, D, eps);
-      const auto gu = rounded_products<T>(m.data(), B, D, &in[6], 2, 2 * I, dtype, group_size, bits, threads);
+      const auto gu = rounded_products<T>(m.data(), B, D, &in[3 + per], 2, 2 * I, dtype, weights, threads);
       std::vector<Storage<T>> gated(size_t(B) * I);
       for (int b = 0; b < B; ++b)
         silu_mul_row<T>(gu.data() + size_t(b) * 2 * I, gu.data() + size_t(b) * 2 * I + I, I,
                         gated.data() + size_t(b) * I);
-      const auto d = rounded_products<T>(gated.data(), B, I, &in[12], 1, D, dtype, group_size, bits, threads);
+      const auto d = rounded_products<T>(gated.data(), B, I, &in[3 + 3 * per], 1, D, dtype, weights, threads);
       Storage<T>* result = elements<T>(out);
       for (size_t i = 0; i < h.size(); ++i)
         result[i] = round_and_store<T>(to_float<T>(h[i]) + to_float<T>(d[i]));
     });
   };
   return mx::array(x.shape(), x.dtype(),
-                   std::make_shared<CpuOp>(stream, "DecodeResidualMLP", fn, rows_contiguous({2, 6, 9, 12})),
+                   std::make_shared<CpuOp>(stream, "DecodeResidualMLP", fn,
+                                           [per](const std::vector<mx::array>& in) {
+                                             rows_contiguous(2, 2 + per)(in);
+                                             rows_contiguous(3 + per, 3 + 4 * per)(in);
+                                           }),
                    inputs);
 }
 

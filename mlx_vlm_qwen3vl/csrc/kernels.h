@@ -55,15 +55,16 @@ void pack_panels(const uint16_t* w, size_t w_stride, int in_features, int out_fe
                  uint32_t* packed);
 const char* kernel_name();
 
-// A quantized decoder layer's decode step in two ops (decode_layer.cpp).
+// A decoder layer's decode step in two ops (decode_layer.cpp).
 // [q [B, H, 1, hd], k [B, Hkv, 1, hd], v [B, Hkv, 1, hd]] for x [B, 1, D]:
-// projections = q, k, v as (weight, scales, biases) each.
+// projections = q, k, v as (weight, scales, biases) each, or with bits 0 as
+// dense bfloat16 weights (one array each).
 std::vector<mx::array> decode_qkv(const mx::array& x, const mx::array& norm_weight,
                                   const std::vector<mx::array>& projections, const mx::array& q_norm,
                                   const mx::array& k_norm, const mx::array& offsets, int n_heads,
                                   float eps, float head_eps, float base, int group_size, int bits,
                                   int threads, mx::StreamOrDevice s);
-// mlp = gate, up, down as (weight, scales, biases) each.
+// mlp = gate, up, down, given as the projections above.
 mx::array decode_residual_mlp(const mx::array& attn, const mx::array& x,
                               const std::vector<mx::array>& o_proj, const mx::array& norm_weight,
                               float eps, const std::vector<mx::array>& mlp, int group_size,

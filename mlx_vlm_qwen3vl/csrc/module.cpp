@@ -59,15 +59,15 @@ NB_MODULE(_quantized_matvec, m) {
         "k_norm"_a, "offsets"_a, "n_heads"_a, "eps"_a, "head_eps"_a, "base"_a, "group_size"_a,
         "bits"_a, nb::kw_only(), "threads"_a = 1, "stream"_a = nb::none(),
         "A decode step's attention inputs, x [B, 1, D] -> [q, k, v] ([B, heads, 1, hd]):\n"
-        "RMSNorm, the quantized q/k/v products (projections: weight, scales, biases\n"
-        "of each), per-head RMSNorm and rotary positions `offsets` of q and k. The\n"
-        "same bits as the separate ops.");
+        "RMSNorm, the q/k/v products (projections: weight, scales, biases of each;\n"
+        "with bits 0 one dense bfloat16 weight each), per-head RMSNorm and rotary\n"
+        "positions `offsets` of q and k. The same bits as the separate ops.");
   m.def("decode_residual_mlp", &decode_residual_mlp, "attn"_a, "x"_a, "o_proj"_a,
         "norm_weight"_a, "eps"_a, "mlp"_a, "group_size"_a, "bits"_a, nb::kw_only(),
         "threads"_a = 1, "stream"_a = nb::none(),
         "The rest of a decode step's layer: h = x + o_proj(attn), then h + the SwiGLU\n"
-        "MLP of RMSNorm(h) (mlp: gate, up, down as weight, scales, biases each),\n"
-        "quantized products. The same bits as the separate ops.");
+        "MLP of RMSNorm(h) (mlp: gate, up, down, given as in decode_qkv). The same\n"
+        "bits as the separate ops.");
   m.def("copy_to_huge_pages", &copy_to_huge_pages, "arrays"_a,
         "Copies of the evaluated `arrays`, together in one 2 MB-aligned arena that asks\n"
         "Linux for transparent huge pages (freed with the last copy); strided views and\n"
