@@ -304,71 +304,34 @@ class WorkerPool {
   static constexpr int kSpins = 4000;
 };
 
-// Allocates `outputs` and runs fn(inputs, outputs) on the stream's thread
-// (what every primitive below does on the CPU).
-template <typename Fn>
-void dispatch_cpu(mx::Stream stream, const std::vector<mx::array>& inputs,
-                  std::vector<mx::array>& outputs, const Fn& fn) {
-  for (auto& out : outputs) out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream);
-  std::vector<mx::array> held, results;
-  for (auto& a : inputs) {
-    encoder.set_input_array(a);
-    held.push_back(mx::array::unsafe_weak_copy(a));
-  }
-  for (auto& out : outputs) {
-    encoder.set_output_array(out);
-    results.push_back(mx::array::unsafe_weak_copy(out));
-  }
-  encoder.dispatch([held = std::move(held), results = std::move(results), fn]() mutable {
-    fn(held, results);
-  });
-}
-
-// A primitive whose CPU work is one function of its inputs' data, run on the
-// stream's thread. `check` runs first, where MLX evaluates the op, so that it
-// can reject inputs (strides are only known then) with an exception.
-class CpuOp : public mx::UnaryPrimitive {
- public:
-  using Fn = std::function<void(const std::vector<mx::array>&, mx::array&)>;
-  using Check = std::function<void(const std::vector<mx::array>&)>;
-
-  CpuOp(mx::Stream stream, const char* name, Fn fn, Check check = nullptr)
-      : mx::UnaryPrimitive(stream), name_(name), fn_(std::move(fn)), check_(std::move(check)) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    if (check_) check_(inputs);
-    std::vector<mx::array> outputs = {out};
-    dispatch_cpu(stream(), inputs, outputs,
-                 [fn = fn_](const std::vector<mx::array>& in, std::vector<mx::array>& results) {
-                   fn(in, results[0]);
-                 });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error(std::string(name_) + " runs on the CPU only");
-  }
-
-  const char* name() const override { return name_; }
-
- private:
-  const char* name_;
-  Fn fn_;
-  Check check_;
-};
-
-// CpuOp with several outputs.
+// A primitive whose CPU work is one function of its inputs' data that fills
+// its outputs, run on the stream's thread. `check` runs first, where MLX
+// evaluates the op, so that it can reject inputs (strides are only known
+// then) with an exception.
 class CpuMultiOp : public mx::Primitive {
  public:
   using Fn = std::function<void(const std::vector<mx::array>&, std::vector<mx::array>&)>;
-  using Check = CpuOp::Check;
+  using Check = std::function<void(const std::vector<mx::array>&)>;
 
   CpuMultiOp(mx::Stream stream, const char* name, Fn fn, Check check = nullptr)
       : mx::Primitive(stream), name_(name), fn_(std::move(fn)), check_(std::move(check)) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     if (check_) check_(inputs);
-    dispatch_cpu(stream(), inputs, outputs, fn_);
+    for (auto& out : outputs) out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    std::vector<mx::array> held, results;
+    for (auto& a : inputs) {
+      encoder.set_input_array(a);
+      held.push_back(mx::array::unsafe_weak_copy(a));
+    }
+    for (auto& out : outputs) {
+      encoder.set_output_array(out);
+      results.push_back(mx::array::unsafe_weak_copy(out));
+    }
+    encoder.dispatch([held = std::move(held), results = std::move(results), fn = fn_]() mutable {
+      fn(held, results);
+    });
   }
 
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -381,6 +344,18 @@ class CpuMultiOp : public mx::Primitive {
   const char* name_;
   Fn fn_;
   Check check_;
+};
+
+// The one-output form most ops use: fn(inputs, out).
+class CpuOp : public CpuMultiOp {
+ public:
+  using UnaryFn = std::function<void(const std::vector<mx::array>&, mx::array&)>;
+
+  CpuOp(mx::Stream stream, const char* name, UnaryFn fn, Check check = nullptr)
+      : CpuMultiOp(stream, name,
+                   [fn = std::move(fn)](const std::vector<mx::array>& in,
+                                        std::vector<mx::array>& out) { fn(in, out[0]); },
+                   std::move(check)) {}
 };
 
 // Runs task(0) .. task(parts - 1) on up to `threads` threads (one part: on this thread).

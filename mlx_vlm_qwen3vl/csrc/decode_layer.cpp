@@ -23,10 +23,14 @@ namespace {
 
 constexpr int kMaxDecodeRows = 8;  // quantized_rows takes at most 8 rows
 
-void check_decode_input(const mx::array& x, const char* op) {
+// What both ops check first (x [B, 1, D], the thread count); their CPU stream.
+mx::Stream check_call(const mx::array& x, int threads, mx::StreamOrDevice s, const char* op) {
+  auto stream = cpu_stream(s, op);
   check_float(x, op, "x");
   if (x.ndim() != 3 || x.shape(1) != 1 || x.shape(0) < 1 || x.shape(0) > kMaxDecodeRows)
     throw std::invalid_argument(std::string(op) + ": x must be [B, 1, D] with B <= 8");
+  check_threads_and_dtype(threads, x.dtype());
+  return stream;
 }
 
 void check_norm(const mx::array& weight, const mx::array& x, int size, const char* op) {
@@ -128,12 +132,9 @@ std::vector<mx::array> decode_qkv(const mx::array& x, const mx::array& norm_weig
                                   float eps, float head_eps, float base, int group_size, int bits,
                                   int threads, mx::StreamOrDevice s) {
   constexpr const char* op = "decode_qkv";
+  auto stream = check_call(x, threads, s, op);
   const Weights weights{group_size, bits};
-  const int per = weights.arrays();
-  auto stream = cpu_stream(s, op);
-  check_decode_input(x, op);
-  check_threads_and_dtype(threads, x.dtype());
-  const int B = x.shape(0), D = x.shape(2);
+  const int per = weights.arrays(), B = x.shape(0), D = x.shape(2);
   check_norm(norm_weight, x, D, op);
   std::vector<mx::array> inputs = {x, norm_weight};
   add_matrices(projections, 3, D, weights, x.dtype(), op, inputs);
@@ -192,12 +193,9 @@ mx::array decode_residual_mlp(const mx::array& attn, const mx::array& x,
                               float eps, const std::vector<mx::array>& mlp, int group_size,
                               int bits, int threads, mx::StreamOrDevice s) {
   constexpr const char* op = "decode_residual_mlp";
+  auto stream = check_call(x, threads, s, op);
   const Weights weights{group_size, bits};
-  const int per = weights.arrays();
-  auto stream = cpu_stream(s, op);
-  check_decode_input(x, op);
-  check_threads_and_dtype(threads, x.dtype());
-  const int B = x.shape(0), D = x.shape(2);
+  const int per = weights.arrays(), B = x.shape(0), D = x.shape(2);
   if (attn.dtype() != x.dtype() || attn.ndim() != 3 || attn.shape(0) != B || attn.shape(1) != 1)
     throw std::invalid_argument("decode_residual_mlp: attn must be [B, 1, A] of x's dtype");
   const int A = attn.shape(2);
