@@ -245,6 +245,10 @@ def test_decode_ops_with_dense_bfloat16_weights_are_the_separate_ops(kernel):
     m = kernel.rms_norm(h, norm, 1e-6)
     want = h + product(kernel.silu_mul(product(m, gate), product(m, up)), down)
     np.testing.assert_array_equal(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)))
+    strided = [_vector(rng, (D, H * hd), dtype).T]  # rows H * hd apart: not contiguous
+    with pytest.raises(ValueError, match="decode_qkv: the rows of w, scales and biases must be contiguous"):
+        mx.eval(kernel.decode_qkv(x, norm, strided + k + v, q_norm, k_norm, offsets, H, 1e-6, 1e-6, 1e4,
+                                  0, 0)[0])
 
 
 def test_decode_ops_reject_what_they_do_not_take(kernel):

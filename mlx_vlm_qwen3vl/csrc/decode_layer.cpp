@@ -74,15 +74,6 @@ int add_matrices(const std::vector<mx::array>& matrices, int count, int in_featu
   return total;
 }
 
-// The matrices' rows must be contiguous (they are checked where MLX evaluates the op).
-CpuOp::Check rows_contiguous(int first, int last) {
-  return [first, last](const std::vector<mx::array>& in) {
-    for (int i = first; i < last; ++i)
-      if (in[i].strides(-1) != 1)
-        throw std::invalid_argument("decode layer: the rows of weights, scales and biases must be contiguous");
-  };
-}
-
 // x [rows, in_features] times `count` matrices, their outputs side by side
 // [rows, total] and rounded to T as the separate product ops store them.
 template <typename T>
@@ -185,7 +176,11 @@ std::vector<mx::array> decode_qkv(const mx::array& x, const mx::array& norm_weig
   return mx::array::make_arrays(
       {{B, n_heads, 1, head_dim}, {B, n_kv_heads, 1, head_dim}, {B, n_kv_heads, 1, head_dim}},
       {x.dtype(), x.dtype(), x.dtype()},
-      std::make_shared<CpuMultiOp>(stream, "DecodeQKV", fn, rows_contiguous(2, 2 + 3 * per)), inputs);
+      std::make_shared<CpuMultiOp>(stream, "DecodeQKV", fn,
+                                   [per](const std::vector<mx::array>& in) {
+                                     check_contiguous_rows(in, 2, 2 + 3 * per, "decode_qkv");
+                                   }),
+      inputs);
 }
 
 mx::array decode_residual_mlp(const mx::array& attn, const mx::array& x,
@@ -240,8 +235,9 @@ mx::array decode_residual_mlp(const mx::array& attn, const mx::array& x,
   return mx::array(x.shape(), x.dtype(),
                    std::make_shared<CpuOp>(stream, "DecodeResidualMLP", fn,
                                            [per](const std::vector<mx::array>& in) {
-                                             rows_contiguous(2, 2 + per)(in);
-                                             rows_contiguous(3 + per, 3 + 4 * per)(in);
+                                             check_contiguous_rows(in, 2, 2 + per, "decode_residual_mlp");
+                                             check_contiguous_rows(in, 3 + per, 3 + 4 * per,
+                                                                   "decode_residual_mlp");
                                            }),
                    inputs);
 }

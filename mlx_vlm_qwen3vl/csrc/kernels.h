@@ -36,6 +36,10 @@ void check_quantized_matrix(int in_features, const mx::array& w, const mx::array
 void check_quantized(const mx::array& x, const mx::array& w, const mx::array& scales,
                      const mx::array& biases, int group_size, int bits);
 void check_threads_and_dtype(int threads, mx::Dtype dtype);
+// inputs[first, last) have contiguous rows (a check where MLX evaluates the op:
+// strides are only known then).
+void check_contiguous_rows(const std::vector<mx::array>& inputs, int first, int last,
+                           const char* op);
 mx::array matmul_bf16(const mx::array& x, const mx::array& w, std::optional<mx::array> bias,
                       int threads, std::optional<mx::Dtype> dtype, mx::StreamOrDevice s);
 bool has_dense_bf16();

@@ -456,9 +456,8 @@ void group_sums(const float* x, int rows, int in_features, int group_size, float
 
 }  // namespace
 
-// Each block streams every weight once, and the parts of all the matrices
-// share one pass of the thread pool (a decode step's q/k/v and gate/up: fewer
-// ops and pool runs, no idle tail per matrix).
+// The parts of all the matrices share one pass of the thread pool (a decode
+// step's q/k/v and gate/up: fewer ops and pool runs, no idle tail per matrix).
 void quantized_rows(const char* x, mx::Dtype x_dtype, int rows, int in_features,
                     const mx::array* matrices, int count, int group_size, int bits, int threads,
                     float* out) {
@@ -549,11 +548,16 @@ void quantized_matvec_rows(const std::vector<mx::array>& in, mx::array& out, int
 
 }  // namespace
 
-void check_rows_contiguous(const std::vector<mx::array>& inputs) {
-  for (size_t i = 1; i < inputs.size(); ++i)
+void check_contiguous_rows(const std::vector<mx::array>& inputs, int first, int last,
+                           const char* op) {
+  for (int i = first; i < last; ++i)
     if (inputs[i].strides(-1) != 1)
-      throw std::invalid_argument(
-          "quantized_matvec: the rows of w, scales and biases must be contiguous");
+      throw std::invalid_argument(std::string(op) +
+                                  ": the rows of w, scales and biases must be contiguous");
+}
+
+void check_rows_contiguous(const std::vector<mx::array>& inputs) {
+  check_contiguous_rows(inputs, 1, int(inputs.size()), "quantized_matvec");
 }
 
 // The checks every quantized product makes of its arguments.

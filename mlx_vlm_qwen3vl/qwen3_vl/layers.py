@@ -216,7 +216,8 @@ def dense_kernel(modules, x: mx.array):
     if not cpu_policy()[0]:
         return None
     for m in modules:
-        if type(m) is not Linear or "bias" in m or m["weight"].shape[-1] % 32:
+        weight = m["weight"]
+        if type(m) is not Linear or "bias" in m or weight.dtype != mx.bfloat16 or weight.shape[-1] % 32:
             return None
     return _native_dense_kernel(x, modules[0]["weight"])
 
