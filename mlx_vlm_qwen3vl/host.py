@@ -12,6 +12,11 @@ every caller (CLI, chat, server, Python API) without editing mlx-vlm:
   tokens and sampling defaults where its own config has none.
 - `AutoProcessor` (the name inside `mlx_vlm.utils` only, not transformers'
   class): a registered processor replaces transformers' for its model type.
+- `process_image`: images for a plugin's processor reach it as given (path,
+  URL, PIL image): mlx-vlm's converts them to RGB first, which drops an alpha
+  channel (transparent pixels show whatever color they hold), where the
+  reference composites transparency on white; the plugin's processor opens
+  them itself.
 - `mlx_vlm.generate.dispatch.parse_arguments`: the CLI's default prompt
   becomes the alias's default prompt.
 
@@ -98,11 +103,28 @@ def _patch_utils(utils) -> None:
             _apply_alias_defaults(model.config, alias)
         return model
 
+    original_process_image = utils.process_image
+
+    def process_image(img, resize_shape, image_processor):
+        if disabled() or resize_shape is not None or not _from_plugin(image_processor):
+            return original_process_image(img, resize_shape, image_processor)
+        return img
+
     utils.get_model_and_args = get_model_and_args
     utils.get_model_path = get_model_path
     utils.load_model = load_model
+    utils.process_image = process_image
     utils.AutoProcessor = _PluginAutoProcessor(utils.AutoProcessor)
     _install_excepthook()
+
+
+def _from_plugin(obj) -> bool:
+    """Is obj an instance of a class from a package that registered a processor?"""
+    if obj is None:
+        return False
+    from .registry import processor_packages
+
+    return type(obj).__module__.split(".")[0] in processor_packages()
 
 
 class _PluginAutoProcessor:

@@ -1,7 +1,7 @@
 """What the installed plugins registered: model types and aliases."""
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, FrozenSet, Optional
 
 from .aliases import Alias
 from .plugins import load_plugins
@@ -22,6 +22,13 @@ def model_entries() -> Dict[str, ModelEntry]:
 
     load_plugins().hook.register_models(register=register)
     return entries
+
+
+def processor_packages() -> FrozenSet[str]:
+    """Top-level packages of the registered processors."""
+    return frozenset(
+        entry.processor.split(".")[0] for entry in model_entries().values() if entry.processor
+    )
 
 
 def aliases() -> Dict[str, Alias]:

@@ -182,7 +182,7 @@ def test_alias_without_prompt_uses_describe_this_image(runs, processor):
     assert _printed_prompt(result.stdout) == _chat(processor, ALIAS_DEFAULT_PROMPT, "image")
 
 
-@pytest.mark.parametrize("case, reason", [("corrupt", "cannot identify image file"), ("missing", "No such file")])
+@pytest.mark.parametrize("case, reason", [("corrupt", "cannot identify image file"), ("missing", "image file not found")])
 def test_bad_image_file_is_a_clear_error_naming_it(runs, files, case, reason):
     result = runs[case].result()
     path = str(getattr(files, case))

@@ -633,6 +633,22 @@ def test_prepare_inputs_host_path(processor, tmp_path):
     )
 
 
+def test_prepare_inputs_keeps_transparency_for_our_processor(processor, reference_images, tmp_path):
+    """mlx-vlm's process_image drops an image's alpha channel (convert("RGB")):
+    transparent pixels would show whatever color they hold. Images for our
+    processor reach it with their alpha, composited on white as transformers does."""
+    from mlx_vlm.utils import prepare_inputs
+
+    image = _random_image(np.random.default_rng(11), 90, 120, "RGBA")
+    image_path = tmp_path / "transparent.png"
+    image.save(image_path)
+    prompt = f"<|im_start|>user\n{IMAGE}What?<|im_end|>\n<|im_start|>assistant\n"
+    for source in (str(image_path), image):
+        inputs = prepare_inputs(processor, images=[source], prompts=[prompt])
+        expected = reference_images(images=[image], return_tensors="np")["pixel_values"]
+        assert np.abs(np.array(inputs["pixel_values"]) - expected).max() <= 1e-6
+
+
 def test_video_errors(processor, tmp_path):
     garbage = tmp_path / "broken.mp4"
     garbage.write_bytes(b"\x00" * 1000)
