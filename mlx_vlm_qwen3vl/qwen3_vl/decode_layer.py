@@ -7,8 +7,7 @@ small ones run on one core while the other waits: in a 4-bit decode step of
 the 2B shape that was a fifth of the time. Here a layer is
 
     q, k, v = decode_qkv(x)                     input norm, q/k/v, head norms, rope
-    k, v = cache.update_and_fetch(k, v)         the host's cache, as before
-    a = attention(q, k, v)                      decoder_ops.attention, as before
+    a = self_attn.attend(q, k, v)               the host's cache update, the attention, as before
     return decode_residual_mlp(a, x)            o_proj, residual, norm, SwiGLU MLP, residual
 
 with the same bits as the separate ops (csrc/decode_layer.cpp). It applies
@@ -20,10 +19,9 @@ returns None and the layer runs op by op.
 """
 
 import mlx.core as mx
-from mlx_vlm.models.base import kv_sequence_length
 
 from . import layers
-from .decoder_ops import attention, rope_offsets
+from .decoder_ops import rope_offsets
 from .parallel import worker_count
 
 
@@ -68,11 +66,7 @@ def decode_layer(layer, x: mx.array, mask, cache, positions):
         attn.q_norm.weight, attn.k_norm.weight, rope_offsets(positions), attn.n_heads,
         layer.input_layernorm.eps, attn.q_norm.eps, attn.rope.base, **common, threads=threads,
     )
-    if cache is not None:
-        k, v = cache.update_and_fetch(k, v)
-    if isinstance(mask, mx.array):
-        mask = mask[..., : kv_sequence_length(k)]
-    a = attention(q, k, v, cache, attn.scale, mask)
+    a = attn.attend(q, k, v, mask, cache)
     return kernel.decode_residual_mlp(
         a, x, _matrices(attn.o_proj, dense=dense), layer.post_attention_layernorm.weight,
         layer.post_attention_layernorm.eps,

@@ -58,12 +58,16 @@ class Attention(nn.Module):
         q = norm_rope(q, self.q_norm, self.rope, positions, self.n_heads)
         k = norm_rope(k, self.k_norm, self.rope, positions, self.n_kv_heads)
         v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        return self.o_proj(self.attend(q, k, v, mask, cache))
 
+    def attend(self, q, k, v, mask=None, cache=None) -> mx.array:
+        """The new queries [B, H, L, D] over the cache after adding k and v to
+        it, as [B, L, H * D] (before o_proj)."""
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         if isinstance(mask, mx.array):
             mask = mask[..., : kv_sequence_length(k)]
-        return self.o_proj(attention(q, k, v, cache, self.scale, mask))
+        return attention(q, k, v, cache, self.scale, mask)
 
 
 class MLP(nn.Module):
